@@ -1,0 +1,116 @@
+"""Every SQL statement pgqueue sends, composed once per schema name.
+
+The stored functions (sql/migrations) own the transitions; these statements
+only call them or read the views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+from psycopg import sql
+
+from pgqueue.migrations import check_schema_name
+
+if TYPE_CHECKING:
+    from typing_extensions import LiteralString
+
+_TEMPLATES: dict[str, LiteralString] = {
+    "enqueue": "select {schema}.enqueue(%s, %s::jsonb, %s, %s, %s, %s, %s)",
+    "enqueue_delayed": (
+        "select {schema}.enqueue(%s, %s::jsonb, %s, %s, now() + %s::interval, %s, %s)"
+    ),
+    # Bulk enqueue of one task: only the payloads travel per job, the options are
+    # broadcast with array_fill.
+    "enqueue_many": (
+        "select id from {schema}.enqueue_many("
+        "array_fill(%(task)s::text, array[%(n)s]), %(args)s::jsonb[],"
+        " array_fill(%(queue)s::text, array[%(n)s]),"
+        " array_fill(%(priority)s::int, array[%(n)s]),"
+        " array_fill(%(when)s::timestamptz, array[%(n)s]),"
+        " array_fill(%(max_attempts)s::int, array[%(n)s]), null)"
+    ),
+    "enqueue_many_delayed": (
+        "select id from {schema}.enqueue_many("
+        "array_fill(%(task)s::text, array[%(n)s]), %(args)s::jsonb[],"
+        " array_fill(%(queue)s::text, array[%(n)s]),"
+        " array_fill(%(priority)s::int, array[%(n)s]),"
+        " array_fill(now() + %(when)s::interval, array[%(n)s]),"
+        " array_fill(%(max_attempts)s::int, array[%(n)s]), null)"
+    ),
+    "lease": (
+        "select id, queue, task, args, priority, attempts, max_attempts,"
+        " lease_token, run_at, created_at from {schema}.lease(%s, %s, %s, %s)"
+    ),
+    "complete": "select {schema}.complete(%s::bigint[], %s::uuid[], %s::jsonb[])",
+    "fail": "select {schema}.fail(%s, %s, %s::jsonb, %s)",
+    "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
+    "reap": "select id, state from {schema}.reap(%s)",
+    "hand_back": "select {schema}.hand_back(%s::bigint[], %s::uuid[])",
+    "next_run_at": (
+        "select extract(epoch from {schema}.next_run_at(%s) - now())::float8"
+    ),
+    "register_worker": "select {schema}.register_worker(%s, %s, %s, %s)",
+    "unregister_worker": "select {schema}.unregister_worker(%s)",
+    "prune": "select {schema}.prune(make_interval(secs => %s), %s)",
+    "cancel": "select {schema}.cancel(%s)",
+    "retry": "select {schema}.retry(%s)",
+    "retry_dead": "select {schema}.retry_dead(%s)",
+    "queue_depth": (
+        "select queue, queued, scheduled, running, succeeded, dead, cancelled,"
+        " extract(epoch from oldest_queued_age)::float8"
+        " from {schema}.queue_depth order by queue"
+    ),
+    "job": (
+        "select id, queue, task, state::text, priority, attempts, max_attempts,"
+        " run_at, created_at, started_at, finished_at, leased_by, args, result,"
+        " errors from {schema}.jobs_overview where id = %s"
+    ),
+    "jobs": (
+        "select id, queue, task, state::text, priority, attempts, run_at,"
+        " created_at, finished_at from {schema}.jobs_overview"
+        " where (%(queue)s::text is null or queue = %(queue)s)"
+        " and (%(state)s::text is null or state::text = %(state)s)"
+        " and (%(task)s::text is null or task = %(task)s)"
+        " order by id desc limit %(limit)s"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The statements above with the schema filled in (as ready-to-send text)."""
+
+    enqueue: str
+    enqueue_delayed: str
+    enqueue_many: str
+    enqueue_many_delayed: str
+    lease: str
+    complete: str
+    fail: str
+    heartbeat: str
+    reap: str
+    hand_back: str
+    next_run_at: str
+    register_worker: str
+    unregister_worker: str
+    prune: str
+    cancel: str
+    retry: str
+    retry_dead: str
+    queue_depth: str
+    job: str
+    jobs: str
+
+
+@cache
+def statements(schema: str) -> Statements:
+    """Compose every statement for ``schema`` (a quoted identifier) once."""
+    ident = sql.Identifier(check_schema_name(schema))
+    rendered = {
+        name: sql.SQL(text).format(schema=ident).as_string(None)
+        for name, text in _TEMPLATES.items()
+    }
+    return Statements(**rendered)

@@ -1,0 +1,325 @@
+"""The ``pgqueue`` command line: a convenience over the SQL functions and views."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from datetime import datetime, timedelta
+from typing import Annotated, Any, NoReturn
+
+import psycopg
+import typer
+
+from pgqueue import _sql, migrations
+from pgqueue.app import App, resolve_dsn
+from pgqueue.errors import ConfigurationError, PgqueueError, from_database
+
+cli = typer.Typer(
+    help="pgqueue: a job queue that lives inside PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class _Settings:
+    dsn: str = ""
+    schema: str = "pgqueue"
+
+
+_settings = _Settings()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@cli.callback()
+def _options(
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL connection string. Default: $PGQUEUE_DSN, "
+            "$DATABASE_URL, then libpq's PG* environment."
+        ),
+    ] = None,
+    schema: Annotated[str, typer.Option(help="Schema holding pgqueue.")] = "pgqueue",
+) -> None:
+    _settings.dsn = resolve_dsn(dsn)
+    _settings.schema = schema
+
+
+def _connect() -> psycopg.Connection[Any]:
+    try:
+        migrations.check_schema_name(_settings.schema)
+        return psycopg.connect(_settings.dsn, autocommit=True)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+
+
+def _app() -> App:
+    return App(_settings.dsn, schema=_settings.schema)
+
+
+@cli.command()
+def migrate(
+    print_sql: Annotated[
+        bool, typer.Option("--print", help="Print the SQL instead of running it.")
+    ] = False,
+) -> None:
+    """Create or upgrade the pgqueue schema (a no-op when up to date)."""
+    if print_sql:
+        try:
+            typer.echo(migrations.script(_settings.schema))
+        except ConfigurationError as exc:
+            _fail(str(exc))
+        return
+    with _connect() as conn:
+        applied = migrations.migrate(conn, _settings.schema)
+    if applied:
+        for m in applied:
+            typer.echo(f"applied {m.version:04d}_{m.name}")
+    else:
+        typer.echo(f"schema {_settings.schema!r} is up to date")
+
+
+def _load_app(target: str) -> App:
+    module_name, _, attr = target.partition(":")
+    if not module_name:
+        _fail(f"give the app as module:attribute, got {target!r}")
+    # Like uvicorn and celery, find modules in the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _fail(f"cannot import {module_name!r}: {exc}")
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, App):
+        _fail(f"{target!r} is not a pgqueue.App")
+    return app
+
+
+@cli.command()
+def worker(
+    app_path: Annotated[str, typer.Argument(metavar="MODULE:APP", help="e.g. shop.jobs:app")],
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeat).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 10,
+    lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+    grace: Annotated[
+        float, typer.Option(help="Seconds in-flight jobs get to finish on SIGTERM.")
+    ] = 30.0,
+    until_empty: Annotated[
+        bool, typer.Option(help="Exit when no job is due and none is running.")
+    ] = False,
+    listen: Annotated[
+        bool, typer.Option(help="Use LISTEN/NOTIFY (--no-listen: poll only).")
+    ] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_json: Annotated[
+        bool | None, typer.Option("--log-json/--log-console", help="Default: JSON unless a terminal.")
+    ] = None,
+) -> None:
+    """Run a worker for the tasks of MODULE:APP."""
+    from pgqueue.log import configure
+    from pgqueue.worker import Worker
+
+    try:
+        configure(log_level, json=log_json)
+    except ValueError as exc:
+        _fail(str(exc))
+    app = _load_app(app_path)
+    if _settings.dsn:
+        app.dsn = _settings.dsn
+    if _settings.schema != "pgqueue":
+        app.schema = _settings.schema
+    try:
+        Worker(
+            app,
+            queues=queue or ["default"],
+            concurrency=concurrency,
+            lease_seconds=lease,
+            poll_interval=poll_interval,
+            shutdown_grace=grace,
+            until_empty=until_empty,
+            listen=listen,
+        ).run()
+    except PgqueueError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--args is not valid JSON: {exc}")
+
+
+@cli.command()
+def enqueue(
+    task: Annotated[str, typer.Argument(help="Task name.")],
+    args: Annotated[str, typer.Option(help="Arguments as a JSON object.")] = "{}",
+    queue: Annotated[str, typer.Option()] = "default",
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    delay: Annotated[float | None, typer.Option(help="Seconds from now.")] = None,
+    run_at: Annotated[
+        str | None, typer.Option(help="ISO 8601 time with a timezone.")
+    ] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    max_attempts: Annotated[int, typer.Option()] = 25,
+) -> None:
+    """Enqueue one job by task name and print its id."""
+    when = None
+    if run_at is not None:
+        try:
+            when = datetime.fromisoformat(run_at)
+        except ValueError:
+            _fail(f"--run-at is not an ISO 8601 time: {run_at!r}")
+    payload = _parse_json(args)
+    with _connect() as conn:
+        try:
+            job_id = _app().enqueue(
+                conn,
+                task,
+                payload,
+                queue=queue,
+                priority=priority,
+                delay=delay,
+                run_at=when,
+                idempotency_key=idempotency_key,
+                max_attempts=max_attempts,
+            )
+        except PgqueueError as exc:
+            _fail(str(exc))
+    typer.echo(job_id)
+
+
+def _fetch(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[Any]:
+    try:
+        return conn.execute(query, params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        _fail(f"no pgqueue schema {_settings.schema!r} here: run `pgqueue migrate`")
+    except psycopg.Error as exc:
+        mapped = from_database(exc)
+        if isinstance(mapped, PgqueueError):
+            _fail(str(mapped))
+        raise
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@cli.command()
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per queue: queued, scheduled, running, succeeded, dead, oldest queued age."""
+    stmts = _sql.statements(_settings.schema)
+    with _connect() as conn:
+        rows = _fetch(conn, stmts.queue_depth)
+    headers = [
+        "queue", "queued", "scheduled", "running", "succeeded", "dead", "cancelled",
+        "oldest_queued_s",
+    ]
+    if as_json:
+        typer.echo(json.dumps([dict(zip(headers, r, strict=True)) for r in rows]))
+        return
+    data = [[*r[:7], None if r[7] is None else f"{r[7]:.3f}"] for r in rows]
+    typer.echo(_table(headers, data) if rows else "no jobs")
+
+
+@cli.command()
+def jobs(
+    job_id: Annotated[int | None, typer.Argument(help="Show this job in full.")] = None,
+    queue: Annotated[str | None, typer.Option()] = None,
+    state: Annotated[
+        str | None, typer.Option(help="queued, running, succeeded, dead, cancelled.")
+    ] = None,
+    task: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """List recent jobs (filtered), or show one job with its errors."""
+    stmts = _sql.statements(_settings.schema)
+    with _connect() as conn:
+        if job_id is not None:
+            rows = _fetch(conn, stmts.job, [job_id])
+            if not rows:
+                _fail(f"job {job_id} not found")
+            names = [
+                "id", "queue", "task", "state", "priority", "attempts", "max_attempts",
+                "run_at", "created_at", "started_at", "finished_at", "leased_by",
+                "args", "result", "errors",
+            ]
+            typer.echo(json.dumps(dict(zip(names, rows[0], strict=True)), indent=2, default=str))
+            return
+        params = {"queue": queue, "state": state, "task": task, "limit": limit}
+        rows = _fetch(conn, stmts.jobs, params)
+    headers = ["id", "queue", "task", "state", "priority", "attempts", "run_at",
+               "created_at", "finished_at"]
+    typer.echo(_table(headers, [list(r) for r in rows]) if rows else "no jobs")
+
+
+@cli.command()
+def retry(
+    job_id: Annotated[int | None, typer.Argument(help="A dead or cancelled job.")] = None,
+    all_dead: Annotated[
+        str | None, typer.Option("--all-dead", metavar="QUEUE", help="Every dead job of QUEUE.")
+    ] = None,
+) -> None:
+    """Queue a dead job again (or every dead job of a queue)."""
+    if (job_id is None) == (all_dead is None):
+        _fail("give a job id or --all-dead QUEUE")
+    stmts = _sql.statements(_settings.schema)
+    with _connect() as conn:
+        if job_id is not None:
+            _fetch(conn, stmts.retry, [job_id])
+            typer.echo(f"job {job_id} queued again")
+        else:
+            count = _fetch(conn, stmts.retry_dead, [all_dead])[0][0]
+            typer.echo(f"{count} dead jobs of {all_dead!r} queued again")
+
+
+@cli.command()
+def cancel(job_id: Annotated[int, typer.Argument()]) -> None:
+    """Cancel a queued job."""
+    with _connect() as conn:
+        _fetch(conn, _sql.statements(_settings.schema).cancel, [job_id])
+    typer.echo(f"job {job_id} cancelled")
+
+
+@cli.command()
+def prune(
+    older_than: Annotated[
+        float, typer.Option(help="Age in hours of finished jobs to delete.")
+    ] = 24 * 7,
+) -> None:
+    """Delete finished jobs (and their idempotency keys) older than the retention."""
+    seconds = timedelta(hours=older_than).total_seconds()
+    total = 0
+    with _connect() as conn:
+        while True:
+            count = _fetch(conn, _sql.statements(_settings.schema).prune, [seconds, 10000])[0][0]
+            total += count
+            if count < 10000:
+                break
+    typer.echo(f"pruned {total} finished jobs")
+
+
+def main() -> None:
+    """Entry point of the ``pgqueue`` script."""
+    cli()

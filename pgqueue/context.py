@@ -1,0 +1,37 @@
+"""`JobContext`: what a handler receives besides its arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pgqueue.jobs import Job
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """The job being run and, for transactional tasks, its open transaction.
+
+    ``conn`` is a psycopg connection (``AsyncConnection`` for async handlers)
+    inside a transaction that the worker commits together with the job's
+    completion, so the handler's writes and the completion are one atomic
+    change. It is ``None`` for tasks declared ``transactional=False``.
+
+    Example::
+
+        @app.task()
+        def ship(ctx: JobContext, order_id: int) -> None:
+            ctx.conn.execute("update orders set shipped = true where id = %s",
+                             [order_id])
+            ctx.log.info("shipped", order_id=order_id)
+    """
+
+    job: Job
+    conn: Any
+    worker_id: str
+    log: Any
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number, starting at 1."""
+        return self.job.attempts + 1

@@ -1,0 +1,132 @@
+"""Exceptions raised by pgqueue.
+
+::
+
+    PgqueueError
+    ├── ConfigurationError        bad App/worker/CLI settings
+    ├── SchemaOutOfDate           migrations pending (says which command to run)
+    ├── InvalidJob                enqueue input pgqueue refuses (name, priority, ...)
+    │   └── ArgumentsNotSerializable  arguments or result not JSON (names the path)
+    ├── TaskNotFound              no handler registered for a leased job's task
+    ├── JobNotFound               cancel/retry of an unknown job id
+    ├── InvalidState              cancel/retry of a job in the wrong state
+    ├── LeaseLost                 fenced completion refused: the lease expired or moved
+    └── JobTimeout                a handler ran past its task's timeout
+
+Handler outcomes that are control flow rather than errors (``Retry``) derive
+from :class:`HandlerOutcome`, not from :class:`PgqueueError`.
+
+Errors raised by the stored functions carry SQLSTATE codes ``PQ001``..``PQ003``;
+:func:`from_database` maps them. Other psycopg errors pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+
+class PgqueueError(Exception):
+    """A pgqueue operation failed."""
+
+    def __init__(self, message: str | None = None, **attrs: Any) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+
+class ConfigurationError(PgqueueError):
+    """pgqueue is not configured correctly."""
+
+
+class SchemaOutOfDate(PgqueueError):
+    """The pgqueue schema is behind this code: run `pgqueue migrate`."""
+
+
+class InvalidJob(PgqueueError):
+    """The job cannot be enqueued as given."""
+
+
+class ArgumentsNotSerializable(InvalidJob):
+    """Job arguments (or a result) are not JSON."""
+
+
+class TaskNotFound(PgqueueError):
+    """No handler is registered for this task name."""
+
+    task: str
+
+
+class JobNotFound(PgqueueError):
+    """No job has this id."""
+
+    job_id: int
+
+
+class InvalidState(PgqueueError):
+    """The job is not in a state that allows this."""
+
+
+class LeaseLost(PgqueueError):
+    """The job's lease expired or passed to another worker; completion refused."""
+
+    job_id: int
+
+
+class JobTimeout(PgqueueError):
+    """The handler ran longer than its task's timeout."""
+
+
+class HandlerOutcome(Exception):  # noqa: N818 - control flow, not an error
+    """Base of outcomes a handler may raise on purpose."""
+
+
+class Retry(HandlerOutcome):
+    """Fail this attempt and retry after `after` seconds (or the task's backoff).
+
+    The attempt still counts toward ``max_attempts``.
+    """
+
+    def __init__(self, reason: str = "retry requested", *, after: float | None = None):
+        super().__init__(reason)
+        self.after = after
+
+
+_BY_SQLSTATE: dict[str, type[PgqueueError]] = {
+    "PQ001": InvalidJob,
+    "PQ002": JobNotFound,
+    "PQ003": InvalidState,
+}
+
+# CHECK constraints of pgqueue.jobs that guard enqueue input (sql/migrations/0001).
+_CHECKS = {
+    "jobs_queue_name": "invalid queue name",
+    "jobs_task_name": "invalid task name",
+    "jobs_attempts": "max_attempts must be between 1 and 1000",
+    "jobs_idempotency_key": "idempotency key must be 1 to 255 characters",
+}
+
+
+def from_database(exc: psycopg.Error) -> Exception:
+    """Map a database error from a pgqueue function to a pgqueue exception.
+
+    Errors that are not pgqueue's own come back unchanged.
+    """
+    sqlstate = exc.sqlstate or ""
+    diag = exc.diag
+    if sqlstate in _BY_SQLSTATE:
+        err = _BY_SQLSTATE[sqlstate](diag.message_primary or str(exc))
+        err.__cause__ = exc
+        return err
+    if isinstance(exc, psycopg.errors.CheckViolation):
+        text = _CHECKS.get(diag.constraint_name or "")
+        if text is not None:
+            err = InvalidJob(text)
+            err.__cause__ = exc
+            return err
+    if isinstance(exc, psycopg.errors.UntranslatableCharacter | psycopg.DataError):
+        err = InvalidJob(f"the database refused a value: {diag.message_primary}")
+        err.__cause__ = exc
+        return err
+    return exc

@@ -1,0 +1,70 @@
+"""A dedicated LISTEN connection that wakes the worker, and reconnects.
+
+While the connection is down the worker keeps serving by polling, so a lost
+notification delays a job by at most one poll interval. Through a pooler in
+transaction mode, where LISTEN does not work, run with ``listen=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgqueue.log import get_logger
+
+
+class Listener:
+    """LISTEN on the schema's channel; call ``on_wake`` for our queues."""
+
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        queues: Collection[str],
+        on_wake: Callable[[], None],
+        *,
+        log: Any = None,
+    ) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._queues = frozenset(queues)
+        self._on_wake = on_wake
+        self._log = log or get_logger()
+        self.connected = asyncio.Event()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with backoff when the link drops."""
+        backoff = 0.05
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, application_name="pgqueue-listener"
+                ) as conn:
+                    self._conn = conn
+                    await conn.execute(
+                        sql.SQL("listen {}").format(sql.Identifier(self._channel))
+                    )
+                    self.connected.set()
+                    backoff = 0.05
+                    self._log.debug("listener_connected")
+                    # We may have missed notifications while down: look once.
+                    self._on_wake()
+                    async for note in conn.notifies():
+                        if note.payload in self._queues:
+                            self._on_wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                self._log.warning(
+                    "listener_disconnected", error=repr(exc), retry_in_s=backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self._conn = None

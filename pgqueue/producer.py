@@ -1,0 +1,259 @@
+"""Enqueue on the caller's connection, inside the caller's transaction.
+
+Nothing here commits or opens a transaction: the job exists if and only if
+the caller's transaction commits. Input is checked in Python first so bad
+input raises a clear error *before* anything reaches the database, and the
+caller's transaction stays usable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from pgqueue import _sql, errors, serialization
+
+if TYPE_CHECKING:
+    from pgqueue.app import App
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,199}$")
+PRIORITY_RANGE = (-32768, 32767)
+MAX_ATTEMPTS_RANGE = (1, 1000)
+MAX_KEY_LENGTH = 255
+# Further out than this is a bug in the caller (or a unit mix-up), not a schedule.
+MAX_DELAY = timedelta(days=366 * 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Enqueue options. ``delay`` and ``run_at`` are exclusive."""
+
+    queue: str = "default"
+    priority: int = 0
+    delay: timedelta | float | None = None
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+    max_attempts: int = 25
+
+
+def check_queue(queue: object) -> str:
+    """Return ``queue`` if it is a valid queue name, else raise InvalidJob."""
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise errors.InvalidJob(
+            f"invalid queue name {queue!r}: 1-128 characters of letters, digits "
+            "and _ . : / -, not starting with a punctuation mark"
+        )
+    return queue
+
+
+def check_task_name(task: object) -> str:
+    """Return ``task`` if it is a valid task name, else raise InvalidJob."""
+    if not isinstance(task, str) or not TASK_NAME.match(task):
+        raise errors.InvalidJob(
+            f"invalid task name {task!r}: 1-200 characters of letters, digits "
+            "and _ . : / -, starting with a letter or _"
+        )
+    return task
+
+
+def check_options(opts: Options) -> None:
+    """Raise :class:`InvalidJob` for any option out of range."""
+    check_queue(opts.queue)
+    low, high = PRIORITY_RANGE
+    if isinstance(opts.priority, bool) or not isinstance(opts.priority, int):
+        raise errors.InvalidJob(f"priority must be an int, got {opts.priority!r}")
+    if not low <= opts.priority <= high:
+        raise errors.InvalidJob(
+            f"priority {opts.priority} is out of range [{low}, {high}]"
+        )
+    low, high = MAX_ATTEMPTS_RANGE
+    if isinstance(opts.max_attempts, bool) or not isinstance(opts.max_attempts, int):
+        raise errors.InvalidJob(f"max_attempts must be an int, got {opts.max_attempts!r}")
+    if not low <= opts.max_attempts <= high:
+        raise errors.InvalidJob(
+            f"max_attempts {opts.max_attempts} is out of range [{low}, {high}]"
+        )
+    key = opts.idempotency_key
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise errors.InvalidJob("idempotency_key must be a non-empty string")
+        if len(key) > MAX_KEY_LENGTH:
+            raise errors.InvalidJob(
+                f"idempotency_key is {len(key)} characters, over {MAX_KEY_LENGTH}"
+            )
+        if "\x00" in key:
+            raise errors.InvalidJob("idempotency_key contains a NUL character")
+    if opts.delay is not None and opts.run_at is not None:
+        raise errors.InvalidJob("give delay or run_at, not both")
+    _run_at(opts)
+
+
+def _run_at(opts: Options) -> datetime | timedelta | None:
+    if opts.run_at is not None:
+        if not isinstance(opts.run_at, datetime):
+            raise errors.InvalidJob(f"run_at must be a datetime, got {opts.run_at!r}")
+        if opts.run_at.tzinfo is None or opts.run_at.utcoffset() is None:
+            raise errors.InvalidJob(
+                "run_at is a naive datetime; give it a timezone "
+                "(e.g. datetime.now(timezone.utc))"
+            )
+        return opts.run_at
+    if opts.delay is None:
+        return None
+    delay = opts.delay
+    if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
+        raise errors.InvalidJob(f"delay must be a timedelta or seconds, got {delay!r}")
+    if not isinstance(delay, timedelta):
+        if delay != delay:  # NaN
+            raise errors.InvalidJob("delay is NaN")
+        if abs(delay) > MAX_DELAY.total_seconds():
+            raise errors.InvalidJob(f"delay {delay} s is more than 100 years")
+        delay = timedelta(seconds=delay)
+    if delay > MAX_DELAY:
+        raise errors.InvalidJob("delay is more than 100 years")
+    return delay
+
+
+def _when(opts: Options) -> datetime | timedelta | None:
+    """When the job is due: an aware datetime, a delay, or None for now().
+
+    A delay is sent as an interval that the statement adds to the database's
+    now(), never as this machine's clock.
+    """
+    return _run_at(opts)
+
+
+def _params(
+    app: App, task: str, args: Mapping[str, Any] | None, opts: Options
+) -> tuple[str, list[Any]]:
+    check_task_name(task)
+    check_options(opts)
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise errors.ArgumentsNotSerializable(
+            f"args must be a mapping of keyword arguments, got {type(args).__name__}"
+        )
+    payload = serialization.dumps(dict(args), max_bytes=app.max_payload_bytes)
+    when = _when(opts)
+    stmts = _sql.statements(app.schema)
+    if isinstance(when, timedelta):
+        return stmts.enqueue_delayed, [
+            task, payload, opts.queue, opts.priority, when, opts.max_attempts,
+            opts.idempotency_key,
+        ]
+    return stmts.enqueue, [
+        task, payload, opts.queue, opts.priority, when, opts.max_attempts,
+        opts.idempotency_key,
+    ]
+
+
+def _many_params(
+    app: App, task: str, args: Iterable[Mapping[str, Any]], opts: Options
+) -> tuple[str, dict[str, Any]]:
+    check_task_name(task)
+    check_options(opts)
+    if opts.idempotency_key is not None:
+        raise errors.InvalidJob(
+            "one idempotency_key cannot cover many jobs; enqueue them one by one"
+        )
+    payloads = []
+    for index, item in enumerate(args):
+        if not isinstance(item, Mapping):
+            raise errors.ArgumentsNotSerializable(
+                f"args[{index}] must be a mapping, got {type(item).__name__}"
+            )
+        payloads.append(
+            serialization.dumps(
+                dict(item), what=f"args[{index}]", max_bytes=app.max_payload_bytes
+            )
+        )
+    n = len(payloads)
+    when = _when(opts)
+    stmts = _sql.statements(app.schema)
+    query = stmts.enqueue_many_delayed if isinstance(when, timedelta) else stmts.enqueue_many
+    # Scalars are broadcast by the statement; only the payloads travel per job.
+    return query, {
+        "n": n, "task": task, "args": payloads, "queue": opts.queue,
+        "priority": opts.priority, "when": when, "max_attempts": opts.max_attempts,
+    }
+
+
+def _ids(rows: list[tuple[Any, ...]]) -> list[int]:
+    return [int(row[0]) for row in rows]
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    app: App,
+    task: str,
+    args: Mapping[str, Any] | None,
+    opts: Options,
+) -> int:
+    """Enqueue one job on ``conn`` (the caller's transaction); return its id."""
+    query, params = _params(app, task, args, opts)
+    try:
+        row = conn.execute(query, params).fetchone()
+    except psycopg.Error as exc:
+        raise errors.from_database(exc) from None
+    assert row is not None
+    return int(row[0])
+
+
+async def enqueue_async(
+    conn: psycopg.AsyncConnection[Any],
+    app: App,
+    task: str,
+    args: Mapping[str, Any] | None,
+    opts: Options,
+) -> int:
+    """Enqueue one job on an async ``conn``; return its id."""
+    query, params = _params(app, task, args, opts)
+    try:
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+    except psycopg.Error as exc:
+        raise errors.from_database(exc) from None
+    assert row is not None
+    return int(row[0])
+
+
+def enqueue_many(
+    conn: psycopg.Connection[Any],
+    app: App,
+    task: str,
+    args: Iterable[Mapping[str, Any]],
+    opts: Options,
+) -> list[int]:
+    """Enqueue one job per mapping in ``args`` in one statement; return the ids."""
+    query, params = _many_params(app, task, args, opts)
+    if not params["n"]:
+        return []
+    try:
+        return _ids(conn.execute(query, params).fetchall())
+    except psycopg.Error as exc:
+        raise errors.from_database(exc) from None
+
+
+async def enqueue_many_async(
+    conn: psycopg.AsyncConnection[Any],
+    app: App,
+    task: str,
+    args: Iterable[Mapping[str, Any]],
+    opts: Options,
+) -> list[int]:
+    """Like :func:`enqueue_many`, on an async connection."""
+    query, params = _many_params(app, task, args, opts)
+    if not params["n"]:
+        return []
+    try:
+        cur = await conn.execute(query, params)
+        return _ids(await cur.fetchall())
+    except psycopg.Error as exc:
+        raise errors.from_database(exc) from None

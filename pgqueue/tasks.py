@@ -1,0 +1,135 @@
+"""Tasks: a handler plus its options, and `.enqueue()` on a caller's connection."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pgqueue import producer
+from pgqueue.errors import ConfigurationError
+from pgqueue.retry import ExponentialBackoff, RetryPolicy
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from pgqueue.app import App
+
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,199}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """A registered handler and the options its jobs are enqueued with.
+
+    Call ``task.enqueue(conn, **args)`` inside your own transaction: the job
+    exists if and only if that transaction commits. ``task.options(...)``
+    returns a copy with other enqueue options (priority, delay, key...).
+    """
+
+    app: App
+    func: Callable[..., Any]
+    name: str
+    transactional: bool = True
+    timeout: float | None = None
+    retry: RetryPolicy = dataclasses.field(default_factory=ExponentialBackoff)
+    defaults: producer.Options = dataclasses.field(default_factory=producer.Options)
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the handler is a coroutine function (runs on the event loop)."""
+        return inspect.iscoroutinefunction(self.func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler directly, as a plain function (no queue involved)."""
+        return self.func(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Task:
+        """Return this task with other enqueue options (unset ones are kept)."""
+        changes = {
+            name: value
+            for name, value in (
+                ("queue", queue),
+                ("priority", priority),
+                ("delay", delay),
+                ("run_at", run_at),
+                ("idempotency_key", idempotency_key),
+                ("max_attempts", max_attempts),
+            )
+            if value is not None
+        }
+        return dataclasses.replace(
+            self, defaults=dataclasses.replace(self.defaults, **changes)
+        )
+
+    def enqueue(self, conn: psycopg.Connection[Any], **args: Any) -> int:
+        """Enqueue one job with these keyword arguments; return its id.
+
+        Runs on ``conn`` in its current transaction and never commits: the job
+        exists if and only if the caller's transaction commits. With an
+        idempotency key already used in this queue, returns the existing id.
+
+        Raises:
+            InvalidJob: the arguments are not JSON, or an option is out of range.
+        """
+        return producer.enqueue(conn, self.app, self.name, args, self.defaults)
+
+    async def enqueue_async(self, conn: psycopg.AsyncConnection[Any], **args: Any) -> int:
+        """Like :meth:`enqueue`, on an async connection."""
+        return await producer.enqueue_async(
+            conn, self.app, self.name, args, self.defaults
+        )
+
+    def enqueue_many(
+        self, conn: psycopg.Connection[Any], args: Iterable[Mapping[str, Any]]
+    ) -> list[int]:
+        """Enqueue one job per mapping of arguments in one round trip."""
+        return producer.enqueue_many(conn, self.app, self.name, args, self.defaults)
+
+    async def enqueue_many_async(
+        self, conn: psycopg.AsyncConnection[Any], args: Iterable[Mapping[str, Any]]
+    ) -> list[int]:
+        """Like :meth:`enqueue_many`, on an async connection."""
+        return await producer.enqueue_many_async(
+            conn, self.app, self.name, args, self.defaults
+        )
+
+
+def make_task(
+    app: App,
+    func: Callable[..., Any],
+    *,
+    name: str | None,
+    transactional: bool,
+    timeout: float | None,
+    retry: RetryPolicy | None,
+    options: producer.Options,
+) -> Task:
+    """Build a task, checking its name and options before anything runs."""
+    task_name = name or func.__name__
+    if not TASK_NAME.match(task_name):
+        raise ConfigurationError(f"invalid task name {task_name!r}")
+    if timeout is not None and timeout <= 0:
+        raise ConfigurationError("timeout must be a positive number of seconds")
+    producer.check_options(options)
+    return Task(
+        app=app,
+        func=func,
+        name=task_name,
+        transactional=transactional,
+        timeout=timeout,
+        retry=retry or ExponentialBackoff(),
+        defaults=options,
+    )

@@ -1,0 +1,671 @@
+"""The worker: lease jobs, run their handlers, complete or fail them, stop well.
+
+One process serves its queues with ``concurrency`` slots. Async handlers run on
+the event loop; sync handlers run in a thread pool of the same size. The loop
+leases as many jobs as it has free slots in one round trip, when NOTIFY says a
+queue got jobs, when a slot frees while more may be waiting, at the next
+scheduled ``run_at`` it knows of, or when the poll interval passes.
+
+Transactional tasks run inside a transaction on a pooled connection and the
+worker completes the job in that same transaction, fenced by the lease token:
+if the lease was lost, the completion changes no row and the whole transaction
+rolls back. Non-transactional tasks hold no transaction while they run; their
+completions are buffered and written in one statement per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import socket
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from pgqueue import _sql, migrations, serialization
+from pgqueue.app import App
+from pgqueue.context import JobContext
+from pgqueue.errors import (
+    ArgumentsNotSerializable,
+    ConfigurationError,
+    JobTimeout,
+    LeaseLost,
+    Retry,
+    TaskNotFound,
+)
+from pgqueue.jobs import Job
+from pgqueue.log import get_logger
+from pgqueue.retry import ExponentialBackoff
+from pgqueue.tasks import Task
+
+_DEFAULT_RETRY = ExponentialBackoff()
+
+
+@dataclass(eq=False, slots=True)
+class _Attempt:
+    """One job in flight in this worker."""
+
+    job: Job
+    started: float
+    future: asyncio.Future[Any] | None = None
+    sync_conn: psycopg.Connection[Any] | None = None
+    timed_out: bool = False
+    abandoned: bool = False  # handed back at shutdown: must not complete
+    lease_lost: bool = False
+
+
+@dataclass(slots=True)
+class _Counters:
+    succeeded: int = 0
+    failed: int = 0
+    lease_lost: int = 0
+    leased: int = 0
+    lease_calls: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs the tasks of an :class:`App` from the given queues.
+
+    Args:
+        app: the tasks and connection settings.
+        queues: the queues to serve.
+        concurrency: jobs run at once (event-loop tasks and threads).
+        lease_seconds: lease length; heartbeats renew it every third of it. A
+            crashed worker's jobs run again this long after its last heartbeat.
+        poll_interval: the longest wait between two looks at the queue when no
+            notification arrives (LISTEN down, or a pooler without LISTEN).
+        shutdown_grace: on SIGTERM/SIGINT, how long in-flight jobs may finish
+            before they are handed back.
+        until_empty: exit once nothing is due and nothing is running.
+        listen: use LISTEN/NOTIFY (False: poll only, e.g. behind PgBouncer in
+            transaction mode).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: list[str] | tuple[str, ...] = ("default",),
+        concurrency: int = 10,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        shutdown_grace: float = 30.0,
+        until_empty: bool = False,
+        listen: bool = True,
+        reap_interval: float | None = None,
+        prune_interval: float = 300.0,
+        retention: timedelta = timedelta(days=7),
+        worker_id: str | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
+            raise ConfigurationError("lease, poll interval and grace must be positive")
+        if not queues:
+            raise ConfigurationError("give at least one queue")
+        from pgqueue.producer import check_queue
+
+        self.app = app
+        self.queues = [check_queue(q) for q in dict.fromkeys(queues)]
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.shutdown_grace = shutdown_grace
+        self.until_empty = until_empty
+        self.listen = listen
+        self.reap_interval = reap_interval or max(0.5, min(lease_seconds / 2, 15.0))
+        self.prune_interval = prune_interval
+        self.retention = retention
+        self.worker_id = worker_id or (
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self.handle_signals = handle_signals
+        self.counters = _Counters()
+        self._stmts = _sql.statements(app.schema)
+        self._log = get_logger(worker_id=self.worker_id)
+        self._running: dict[int, _Attempt] = {}
+        self._done: list[tuple[_Attempt, str | None]] = []
+        # Below this many free slots, wait for more to free before leasing, so
+        # a busy worker leases in batches rather than one job per round trip.
+        self._batch_min = max(1, min(concurrency // 4, 100))
+        self._signatures: dict[str, inspect.Signature] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._due = True
+        self._next_due_at: float | None = None
+        self._wake: asyncio.Event | None = None
+        self._flush: asyncio.Event | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._sync_pool: ConnectionPool | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- public control ---------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stopped (signal, :meth:`stop`, or ``until_empty``)."""
+        asyncio.run(self.run_async())
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully; safe from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._request_stop)
+        else:
+            self._stopping = True
+
+    async def run_async(self) -> None:
+        """The worker's main coroutine."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._flush = asyncio.Event()
+        dsn = self.app.dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrations.check_up_to_date(conn, self.app.schema)
+        tasks = list(self.app.tasks.values())
+        # Four connections serve lease, completion, heartbeat and maintenance;
+        # async transactional handlers each hold one more while they run.
+        handler_conns = any(t.is_async and t.transactional for t in tasks)
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=2,
+            max_size=4 + (self.concurrency if handler_conns else 0),
+            kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
+            open=False,
+        )
+        await self._pool.open(wait=True, timeout=30)
+        if any(not t.is_async for t in tasks):
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
+            )
+        if any(not t.is_async and t.transactional for t in tasks):
+            self._sync_pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=self.concurrency,
+                kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
+                open=True,
+            )
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._execute(
+            self._stmts.register_worker,
+            [self.worker_id, socket.gethostname(), os.getpid(), self.queues],
+        )
+        self._log.info(
+            "worker_started",
+            queues=self.queues,
+            concurrency=self.concurrency,
+            tasks=sorted(self.app.tasks),
+        )
+        background = [
+            asyncio.create_task(self._flusher()),
+            asyncio.create_task(self._heartbeater()),
+            asyncio.create_task(self._maintainer()),
+        ]
+        if self.listen:
+            from pgqueue.listener import Listener
+
+            listener = Listener(
+                dsn, self.app.schema, self.queues, self._on_notify, log=self._log
+            )
+            background.append(asyncio.create_task(listener.run()))
+        try:
+            await self._lease_loop()
+        finally:
+            await self._shutdown(background)
+
+    # -- the lease loop -----------------------------------------------------------
+
+    def _on_notify(self) -> None:
+        self._due = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stopping:
+            self._log.warning("worker_killed", signal=signal.Signals(sig).name)
+            os._exit(128 + sig)
+        self._log.info("worker_stopping", signal=signal.Signals(sig).name)
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        self._wake_up()
+
+    async def _lease_loop(self) -> None:
+        assert self._wake is not None and self._loop is not None
+        backoff = 0.05
+        while not self._stopping:
+            self._wake.clear()
+            free = self.concurrency - len(self._running)
+            now = self._loop.time()
+            if self._next_due_at is not None and now >= self._next_due_at:
+                self._next_due_at = None
+                self._due = True
+            if self._due and free > 0 and (free >= self._batch_min or not self._running):
+                try:
+                    jobs = await self._lease(free)
+                    backoff = 0.05
+                except Exception as exc:
+                    self._log.warning("lease_failed", error=repr(exc))
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                for job in jobs:
+                    self._start(job)
+                if len(jobs) < free:
+                    self._due = False
+                    if self.until_empty and not self._running and not self._done:
+                        return
+                    await self._plan_next_due()
+                continue
+            await self._sleep(self._wait_time())
+            if not self._wake.is_set():
+                self._due = True  # the poll interval passed: look again
+
+    def _wait_time(self) -> float:
+        assert self._loop is not None
+        wait = self.poll_interval
+        if self._next_due_at is not None:
+            wait = min(wait, max(0.0, self._next_due_at - self._loop.time()))
+        return wait
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _lease(self, limit: int) -> list[Job]:
+        rows = await self._fetch(
+            self._stmts.lease, [self.queues, limit, self.worker_id, self.lease_seconds]
+        )
+        self.counters.lease_calls += 1
+        self.counters.leased += len(rows)
+        return [Job(*row) for row in rows]
+
+    async def _plan_next_due(self) -> None:
+        """Remember when the next scheduled job of our queues is due."""
+        assert self._loop is not None
+        try:
+            rows = await self._fetch(self._stmts.next_run_at, [self.queues])
+        except Exception as exc:
+            self._log.warning("next_run_at_failed", error=repr(exc))
+            return
+        seconds = rows[0][0] if rows else None
+        self._next_due_at = (
+            None if seconds is None else self._loop.time() + max(0.0, float(seconds))
+        )
+
+    # -- running one job ------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        attempt = _Attempt(job=job, started=time.perf_counter())
+        self._running[job.id] = attempt
+        attempt.future = asyncio.create_task(self._run(attempt))
+        attempt.future.add_done_callback(lambda _: self._finished(attempt))
+
+    def _finished(self, attempt: _Attempt) -> None:
+        self._running.pop(attempt.job.id, None)
+        self._wake_up()
+
+    def _context(self, job: Job, conn: Any) -> JobContext:
+        return JobContext(
+            job=job,
+            conn=conn,
+            worker_id=self.worker_id,
+            log=self._log.bind(job_id=job.id, task=job.task),
+        )
+
+    def _bind_args(self, task: Task, job: Job) -> dict[str, Any]:
+        """The job's arguments as keywords, checked against the handler."""
+        if not isinstance(job.args, dict):
+            raise ArgumentsNotSerializable(
+                f"job {job.id} has arguments of JSON type {type(job.args).__name__}; "
+                "a task takes a JSON object of keyword arguments"
+            )
+        signature = self._signatures.get(task.name)
+        if signature is None:
+            signature = self._signatures[task.name] = inspect.signature(task.func)
+        try:
+            signature.bind(None, **job.args)
+        except TypeError as exc:
+            raise TypeError(
+                f"arguments {sorted(job.args)} do not match {task.name}{signature}: "
+                f"{exc}"
+            ) from None
+        return job.args
+
+    async def _run(self, attempt: _Attempt) -> None:
+        job = self._log_started(attempt)
+        task: Task | None = None
+        try:
+            task = self.app.get_task(job.task)
+            args = self._bind_args(task, job)
+            if task.is_async:
+                await self._run_async(attempt, task, args)
+            else:
+                await self._run_sync(attempt, task, args)
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost:
+            self._lease_was_lost(attempt)
+        except Exception as exc:
+            await self._fail(attempt, task, exc)
+
+    def _log_started(self, attempt: _Attempt) -> Job:
+        job = attempt.job
+        self._log.info(
+            "job_started",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+        )
+        return job
+
+    async def _run_async(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> None:
+        job = attempt.job
+        if not task.transactional:
+            result = await self._within_timeout(task, task.func(self._context(job, None), **args))
+            self._completed_later(attempt, self._result_json(result))
+            return
+        assert self._pool is not None
+        async with self._pool.connection() as conn, conn.transaction():
+            result = await self._within_timeout(task, task.func(self._context(job, conn), **args))
+            payload = self._result_json(result)
+            cur = await conn.execute(
+                self._stmts.complete, [[job.id], [job.lease_token], [payload]]
+            )
+            if not await cur.fetchall():
+                raise LeaseLost(job_id=job.id)
+        self._log_succeeded(attempt)
+
+    async def _within_timeout(self, task: Task, coro: Any) -> Any:
+        if task.timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, task.timeout)
+        except TimeoutError:
+            raise JobTimeout(f"{task.name} ran longer than its timeout of {task.timeout} s") from None
+
+    async def _run_sync(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> None:
+        assert self._loop is not None and self._executor is not None
+        future = self._loop.run_in_executor(
+            self._executor, self._call_sync, attempt, task, args
+        )
+        done, _ = await asyncio.wait({future}, timeout=task.timeout)
+        if not done:
+            # A thread cannot be killed: fail the attempt now, interrupt its query,
+            # and keep its slot until it returns. Its transaction never commits:
+            # the timed_out flag stops the completion, and fencing would too.
+            attempt.timed_out = True
+            if attempt.sync_conn is not None:
+                with contextlib.suppress(Exception):
+                    attempt.sync_conn.cancel_safe(timeout=1.0)
+            await self._fail(
+                attempt,
+                task,
+                JobTimeout(f"{task.name} ran longer than its timeout of {task.timeout} s"),
+            )
+            with contextlib.suppress(BaseException):
+                await future
+            return
+        payload = future.result()
+        if task.transactional:
+            self._log_succeeded(attempt)
+        else:
+            self._completed_later(attempt, payload)
+
+    def _call_sync(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> str | None:
+        """Run a sync handler (in a pool thread). Returns the result's JSON."""
+        job = attempt.job
+        if not task.transactional:
+            return self._result_json(task.func(self._context(job, None), **args))
+        assert self._sync_pool is not None
+        with self._sync_pool.connection() as conn:
+            attempt.sync_conn = conn
+            try:
+                with conn.transaction():
+                    result = task.func(self._context(job, conn), **args)
+                    payload = self._result_json(result)
+                    if attempt.timed_out or attempt.abandoned:
+                        raise JobTimeout("the attempt was abandoned; rolled back")
+                    rows = conn.execute(
+                        self._stmts.complete, [[job.id], [job.lease_token], [payload]]
+                    ).fetchall()
+                    if not rows:
+                        raise LeaseLost(job_id=job.id)
+                return payload
+            finally:
+                attempt.sync_conn = None
+
+    def _result_json(self, result: Any) -> str | None:
+        if result is None:
+            return None
+        return serialization.dumps(
+            result, what="result", max_bytes=self.app.max_payload_bytes
+        )
+
+    def _completed_later(self, attempt: _Attempt, payload: str | None) -> None:
+        """Buffer a non-transactional completion; the flusher writes it."""
+        assert self._flush is not None
+        self._done.append((attempt, payload))
+        self._flush.set()
+
+    def _log_succeeded(self, attempt: _Attempt) -> None:
+        job = attempt.job
+        self.counters.succeeded += 1
+        self._log.info(
+            "job_succeeded",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+            duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
+        )
+
+    def _lease_was_lost(self, attempt: _Attempt) -> None:
+        job = attempt.job
+        self.counters.lease_lost += 1
+        self._log.warning(
+            "job_lease_lost",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+            detail="the lease expired or moved; this attempt's result was discarded",
+        )
+
+    async def _fail(self, attempt: _Attempt, task: Task | None, exc: BaseException) -> None:
+        """Record a failed attempt in its own transaction (retry or dead)."""
+        job = attempt.job
+        if attempt.abandoned:
+            return
+        number = job.attempts + 1
+        if isinstance(exc, Retry) and exc.after is not None:
+            delay = exc.after
+        else:
+            delay = (task.retry if task else _DEFAULT_RETRY).delay(number)
+        error = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "kind": type(exc).__name__,
+            "traceback": "".join(traceback.format_exception(exc))[-8000:].replace(
+                "\x00", ""
+            ),
+        }
+        payload = serialization.dumps(error, what="error")
+        state = None
+        for pause in (0.0, 0.2, 1.0):
+            await asyncio.sleep(pause)
+            try:
+                rows = await self._fetch(
+                    self._stmts.fail, [job.id, job.lease_token, payload, delay]
+                )
+                state = rows[0][0] if rows else None
+                break
+            except Exception as db_exc:
+                self._log.warning("fail_not_recorded", job_id=job.id, error=repr(db_exc))
+        else:
+            return  # the lease will expire and reap will count the attempt
+        if state is None:
+            self._lease_was_lost(attempt)
+            return
+        self.counters.failed += 1
+        self._log.warning(
+            "job_failed",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=number,
+            duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
+            error=error["error"],
+            state=state,
+            retry_in_s=round(delay, 3) if state == "queued" else None,
+        )
+
+    # -- background loops -------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """Write buffered completions, one statement for everything pending."""
+        assert self._flush is not None
+        while True:
+            await self._flush.wait()
+            self._flush.clear()
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
+        backoff = 0.05
+        while self._done:
+            batch, self._done = self._done, []
+            ids = [a.job.id for a, _ in batch]
+            tokens = [a.job.lease_token for a, _ in batch]
+            payloads = [p for _, p in batch]
+            try:
+                rows = await self._fetch(self._stmts.complete, [ids, tokens, payloads])
+            except Exception as exc:
+                self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
+                self._done[:0] = batch
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            completed = {row[0] for row in rows}
+            for attempt, _ in batch:
+                if attempt.job.id in completed:
+                    self._log_succeeded(attempt)
+                else:
+                    self._lease_was_lost(attempt)
+
+    async def _heartbeater(self) -> None:
+        interval = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = [a for a in self._running.values() if not a.timed_out]
+            held += [a for a, _ in self._done]
+            try:
+                rows = await self._fetch(
+                    self._stmts.heartbeat,
+                    [
+                        self.worker_id,
+                        [a.job.id for a in held],
+                        [a.job.lease_token for a in held],
+                        self.lease_seconds,
+                    ],
+                )
+            except Exception as exc:
+                self._log.warning("heartbeat_failed", error=repr(exc))
+                continue
+            alive = {row[0] for row in rows}
+            for attempt in held:
+                if attempt.job.id not in alive and not attempt.lease_lost:
+                    attempt.lease_lost = True
+                    self._log.warning("job_lease_expired", job_id=attempt.job.id)
+
+    async def _maintainer(self) -> None:
+        """Reap expired leases often; prune old finished jobs now and then."""
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            try:
+                reaped = await self._fetch(self._stmts.reap, [1000])
+                for job_id, state in reaped:
+                    self._log.warning("job_reaped", job_id=job_id, state=state)
+                if time.monotonic() - last_prune >= self.prune_interval:
+                    last_prune = time.monotonic()
+                    rows = await self._fetch(
+                        self._stmts.prune, [self.retention.total_seconds(), 10000]
+                    )
+                    if rows and rows[0][0]:
+                        self._log.info("jobs_pruned", count=rows[0][0])
+            except Exception as exc:
+                self._log.warning("maintenance_failed", error=repr(exc))
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        pending = [a.future for a in self._running.values() if a.future is not None]
+        if pending:
+            self._log.info("worker_draining", jobs=len(pending), grace_s=self.shutdown_grace)
+            await asyncio.wait(pending, timeout=self.shutdown_grace)
+        left = list(self._running.values())
+        if left:
+            for attempt in left:
+                attempt.abandoned = True
+            try:
+                rows = await self._fetch(
+                    self._stmts.hand_back,
+                    [[a.job.id for a in left], [a.job.lease_token for a in left]],
+                )
+                self._log.info("jobs_handed_back", job_ids=[r[0] for r in rows])
+            except Exception as exc:
+                self._log.warning("hand_back_failed", error=repr(exc))
+            for attempt in left:
+                if attempt.future is not None:
+                    attempt.future.cancel()
+            await asyncio.wait([a.future for a in left if a.future is not None], timeout=1)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_now(), 10)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._execute(self._stmts.unregister_worker, [self.worker_id])
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._sync_pool is not None:
+            self._sync_pool.close(timeout=1.0)
+        if self._pool is not None:
+            await self._pool.close(timeout=1.0)
+        self._log.info(
+            "worker_stopped",
+            succeeded=self.counters.succeeded,
+            failed=self.counters.failed,
+        )
+
+    # -- database helpers ----------------------------------------------------------------
+
+    async def _fetch(self, query: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+    async def _execute(self, query: str, params: list[Any]) -> None:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            await conn.execute(query, params)
