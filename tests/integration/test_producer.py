@@ -1,0 +1,176 @@
+"""Enqueue from Python on the caller's connection: transactions, options, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgqueue
+from pgqueue.errors import ArgumentsNotSerializable, InvalidJob
+
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture
+def app(dsn: str) -> pgqueue.App:
+    app = pgqueue.App(dsn)
+
+    @app.task(queue="emails", priority=3)
+    def send(ctx: pgqueue.JobContext, to: str) -> None:
+        pass
+
+    return app
+
+
+def count(conn: Conn, where: str = "true") -> int:
+    row = conn.execute(f"select count(*) from pgqueue.jobs where {where}").fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_job_exists_iff_the_callers_transaction_commits(app: pgqueue.App, dsn: str, conn: Conn) -> None:
+    send = app.tasks["send"]
+    with psycopg.connect(dsn) as producer:
+        with producer.transaction():
+            committed = send.enqueue(producer, to="a@example.com")
+            # Not visible to anyone else before the commit.
+            assert count(conn) == 0
+        with producer.transaction(force_rollback=True):
+            rolled_back = send.enqueue(producer, to="b@example.com")
+    assert count(conn) == 1
+    assert count(conn, f"id = {committed}") == 1
+    assert count(conn, f"id = {rolled_back}") == 0
+
+
+def test_task_defaults_and_options(app: pgqueue.App, conn: Conn) -> None:
+    send = app.tasks["send"]
+    a = send.enqueue(conn, to="x")
+    b = send.options(priority=-1, queue="bulk", max_attempts=3).enqueue(conn, to="y")
+    row_a = conn.execute("select queue, priority, max_attempts, args from pgqueue.jobs where id = %s", [a]).fetchone()
+    row_b = conn.execute("select queue, priority, max_attempts from pgqueue.jobs where id = %s", [b]).fetchone()
+    assert row_a == ("emails", 3, 25, {"to": "x"})
+    assert row_b == ("bulk", -1, 3)
+
+
+def test_delay_and_run_at_use_the_database_clock(app: pgqueue.App, conn: Conn) -> None:
+    send = app.tasks["send"]
+    delayed = send.options(delay=timedelta(minutes=5)).enqueue(conn, to="x")
+    at = datetime.now(timezone.utc) + timedelta(hours=2)
+    scheduled = send.options(run_at=at).enqueue(conn, to="y")
+    wait = conn.execute("select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [delayed]).fetchone()
+    assert wait is not None and 299 < wait[0] <= 300
+    stored = conn.execute("select run_at from pgqueue.jobs where id = %s", [scheduled]).fetchone()
+    assert stored is not None and abs((stored[0] - at).total_seconds()) < 0.001
+
+
+def test_enqueue_by_name_without_the_handler(dsn: str, conn: Conn) -> None:
+    producer_app = pgqueue.App(dsn)  # knows no tasks
+    job_id = producer_app.enqueue(conn, "reports.build", {"day": "2026-11-22"}, queue="reports")
+    row = conn.execute("select task, queue, args from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    assert row == ("reports.build", "reports", {"day": "2026-11-22"})
+
+
+def test_bulk_enqueue_is_one_statement(app: pgqueue.App, conn: Conn) -> None:
+    send = app.tasks["send"]
+    ids = send.enqueue_many(conn, ({"to": f"u{i}"} for i in range(5000)))
+    assert len(ids) == len(set(ids)) == 5000
+    assert ids == sorted(ids)
+    assert count(conn, "queue = 'emails'") == 5000
+    assert send.enqueue_many(conn, []) == []
+
+
+def test_idempotency_key_under_20_concurrent_producers(app: pgqueue.App, dsn: str, conn: Conn) -> None:
+    send = app.tasks["send"].options(idempotency_key="welcome-42")
+    barrier = threading.Barrier(20)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def produce() -> None:
+        with psycopg.connect(dsn) as c:
+            with c.transaction():
+                barrier.wait()
+                job_id = send.enqueue(c, to="x")
+            with lock:
+                ids.append(job_id)
+
+    threads = [threading.Thread(target=produce) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 20 and len(set(ids)) == 1
+    assert count(conn) == 1
+
+
+def test_async_producer(app: pgqueue.App, dsn: str, conn: Conn) -> None:
+    send = app.tasks["send"]
+
+    async def main() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            async with aconn.transaction():
+                one = await send.enqueue_async(aconn, to="a")
+                many = await send.enqueue_many_async(aconn, [{"to": "b"}, {"to": "c"}])
+                by_name = await app.enqueue_async(aconn, "send", {"to": "d"})
+            return [one, *many, by_name]
+
+    ids = asyncio.run(main())
+    assert count(conn) == 4 and len(set(ids)) == 4
+
+
+BAD_INPUT = [
+    ({"args": {"when": datetime.now()}}, ArgumentsNotSerializable, "datetime"),
+    ({"args": {"x": math.nan}}, ArgumentsNotSerializable, "NaN"),
+    ({"args": {"x": [1, {"y": math.inf}]}}, ArgumentsNotSerializable, "args['x'][1]['y']"),
+    ({"args": {"x": "a\x00b"}}, ArgumentsNotSerializable, "NUL"),
+    ({"args": {"x": {1: "int key"}}}, ArgumentsNotSerializable, "keys must be strings"),
+    ({"args": {"x": object()}}, ArgumentsNotSerializable, "not JSON"),
+    ({"queue": "no spaces"}, InvalidJob, "invalid queue name"),
+    ({"queue": ""}, InvalidJob, "invalid queue name"),
+    ({"queue": "q" * 129}, InvalidJob, "invalid queue name"),
+    ({"task": "drop table; --"}, InvalidJob, "invalid task name"),
+    ({"priority": 40000}, InvalidJob, "out of range"),
+    ({"priority": 1.5}, InvalidJob, "must be an int"),
+    ({"max_attempts": 0}, InvalidJob, "out of range"),
+    ({"idempotency_key": "k" * 256}, InvalidJob, "over 255"),
+    ({"idempotency_key": ""}, InvalidJob, "non-empty"),
+    ({"run_at": datetime(2030, 1, 1)}, InvalidJob, "naive datetime"),
+    ({"delay": 10.0, "run_at": datetime(2030, 1, 1, tzinfo=timezone.utc)}, InvalidJob, "not both"),
+    ({"delay": 1e12}, InvalidJob, "100 years"),
+]
+
+
+@pytest.mark.parametrize(("bad", "error", "message"), BAD_INPUT)
+def test_bad_input_raises_clearly_and_writes_nothing(
+    dsn: str, conn: Conn, bad: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    app = pgqueue.App(dsn)
+    call: dict[str, Any] = {"task": "t", "args": {"ok": 1}, **bad}
+    task, args = call.pop("task"), call.pop("args")
+    with psycopg.connect(dsn) as producer:
+        with producer.transaction():
+            with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+                app.enqueue(producer, task, args, **call)
+            # The caller's transaction is still usable: the check ran before SQL.
+            app.enqueue(producer, "t", {"ok": 2})
+    assert count(conn) == 1
+
+
+def test_payload_size_limit(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn, max_payload_bytes=1000)
+    with pytest.raises(ArgumentsNotSerializable, match="over the limit of 1000"):
+        app.enqueue(conn, "t", {"blob": "é" * 600})
+    app.enqueue(conn, "t", {"blob": "é" * 400})
+    assert count(conn) == 1
+
+
+def test_unicode_and_quotes_are_stored_verbatim(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+    args = {"s": "'; drop table pgqueue.jobs; --", "b": "\\x00\\", "u": "日本語 🚀"}
+    job_id = app.enqueue(conn, "t", args, idempotency_key="it's \"quoted\"")
+    row = conn.execute("select args, idempotency_key from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    assert row == (args, "it's \"quoted\"")

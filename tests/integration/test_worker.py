@@ -1,0 +1,284 @@
+"""The worker loop against a real database: transactions, retries, fencing, wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgqueue
+from pgqueue.retry import ExponentialBackoff
+
+from .worker_helpers import running_worker, wait_until
+
+Conn = psycopg.Connection[Any]
+FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
+
+
+@pytest.fixture
+def business(conn: Conn) -> Conn:
+    conn.execute("create table business (job_id bigint, value text)")
+    return conn
+
+
+def job_state(conn: Conn, job_id: int) -> str | None:
+    row = conn.execute("select state::text from pgqueue.jobs_overview where id = %s", [job_id]).fetchone()
+    return row[0] if row else None
+
+
+def finished(conn: Conn, job_id: int, states: tuple[str, ...] = ("succeeded", "dead")) -> bool:
+    return job_state(conn, job_id) in states
+
+
+def rows(conn: Conn) -> list[tuple[Any, ...]]:
+    return conn.execute("select job_id, value from business order by job_id").fetchall()
+
+
+def test_transactional_handler_commits_with_completion(dsn: str, business: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def record(ctx: pgqueue.JobContext, value: str) -> dict[str, str]:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, value])
+        return {"stored": value}
+
+    ids = record.enqueue_many(business, [{"value": str(i)} for i in range(50)])
+    with running_worker(app):
+        wait_until(lambda: all(finished(business, i) for i in ids))
+    assert [r[0] for r in rows(business)] == ids
+    result = business.execute("select result from pgqueue.finished_jobs where id = %s", [ids[7]]).fetchone()
+    assert result == ({"stored": "7"},)
+
+
+def test_handler_exception_rolls_back_its_writes_and_records_the_error(dsn: str, business: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=3, retry=FAST_RETRY)
+    def flaky(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, f"attempt {ctx.attempt}"])
+        if ctx.attempt < 3:
+            raise ValueError(f"boom {ctx.attempt}")
+
+    job_id = flaky.enqueue(business)
+    with running_worker(app):
+        wait_until(lambda: finished(business, job_id))
+    assert rows(business) == [(job_id, "attempt 3")]
+    errors = business.execute("select attempts, errors from pgqueue.finished_jobs where id = %s", [job_id]).fetchone()
+    assert errors is not None and errors[0] == 2
+    assert [e["error"] for e in errors[1]] == ["ValueError: boom 1", "ValueError: boom 2"]
+    assert "Traceback" in errors[1][0]["traceback"] and errors[1][0]["attempt"] == 1
+
+
+def test_retry_then_dead_after_max_attempts(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=3, retry=FAST_RETRY)
+    async def always_fails(ctx: pgqueue.JobContext) -> None:
+        raise RuntimeError("no luck")
+
+    job_id = always_fails.enqueue(conn)
+    with running_worker(app):
+        wait_until(lambda: finished(conn, job_id))
+    row = conn.execute("select attempts, last_error from pgqueue.dead_jobs where id = %s", [job_id]).fetchone()
+    assert row == (3, "RuntimeError: no luck")
+
+
+def test_retry_outcome_sets_the_delay(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def later(ctx: pgqueue.JobContext) -> None:
+        raise pgqueue.Retry("rate limited", after=3600)
+
+    job_id = later.enqueue(conn)
+    with running_worker(app):
+        wait_until(lambda: conn.execute("select attempts from pgqueue.jobs where id = %s and state = 'queued' and attempts = 1", [job_id]).fetchone())
+    wait = conn.execute("select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    assert wait is not None and wait[0] > 3500
+
+
+def test_unknown_task_fails_clearly_and_the_worker_keeps_going(dsn: str, business: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def known(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s, 'ok')", [ctx.job.id])
+
+    stranger = app.enqueue(business, "not_registered", {}, max_attempts=1)
+    job_id = known.enqueue(business)
+    with running_worker(app):
+        wait_until(lambda: finished(business, job_id) and finished(business, stranger))
+    error = business.execute("select last_error from pgqueue.dead_jobs where id = %s", [stranger]).fetchone()
+    assert error is not None and "TaskNotFound" in error[0] and "not_registered" in error[0]
+    assert rows(business) == [(job_id, "ok")]
+
+
+def test_arguments_that_do_not_match_the_handler_fail_that_job(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=1)
+    def needs_x(ctx: pgqueue.JobContext, x: int) -> None:
+        pass
+
+    bad = app.enqueue(conn, "needs_x", {"y": 1}, max_attempts=1)
+    good = needs_x.enqueue(conn, x=1)
+    with running_worker(app):
+        wait_until(lambda: finished(conn, bad) and finished(conn, good))
+    error = conn.execute("select last_error from pgqueue.dead_jobs where id = %s", [bad]).fetchone()
+    assert error is not None and "do not match" in error[0]
+    assert job_state(conn, good) == "succeeded"
+
+
+@pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
+def test_timeout_abandons_the_attempt_and_rolls_back(dsn: str, business: Conn, is_async: bool) -> None:
+    app = pgqueue.App(dsn)
+    if is_async:
+
+        @app.task(timeout=0.3, max_attempts=2, retry=FAST_RETRY)
+        async def slow(ctx: pgqueue.JobContext) -> None:
+            await ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)])
+            if ctx.attempt == 1:
+                await asyncio.sleep(5)
+
+    else:
+
+        @app.task(timeout=0.3, max_attempts=2, retry=FAST_RETRY)
+        def slow(ctx: pgqueue.JobContext) -> None:
+            ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)])
+            if ctx.attempt == 1:
+                time.sleep(1.5)
+
+    job_id = app.tasks["slow"].enqueue(business)
+    with running_worker(app):
+        wait_until(lambda: finished(business, job_id))
+    assert job_state(business, job_id) == "succeeded"
+    assert rows(business) == [(job_id, "2")]
+    errors = business.execute("select errors from pgqueue.finished_jobs where id = %s", [job_id]).fetchone()
+    assert errors is not None and errors[0][0]["kind"] == "JobTimeout"
+
+
+def test_non_transactional_async_task_stores_its_result(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def summarize(ctx: pgqueue.JobContext, text: str) -> dict[str, Any]:
+        assert ctx.conn is None
+        await asyncio.sleep(0.01)
+        return {"words": len(text.split())}
+
+    ids = summarize.enqueue_many(conn, [{"text": "a b c"}] * 20)
+    with running_worker(app, concurrency=20):
+        wait_until(lambda: all(finished(conn, i) for i in ids))
+    results = conn.execute("select distinct result from pgqueue.finished_jobs").fetchall()
+    assert results == [({"words": 3},)]
+
+
+def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None:
+    """A worker whose lease expired while its handler ran cannot complete the job:
+    its transaction rolls back, the rerun's commits, the business table has one row."""
+    app = pgqueue.App(dsn)
+    first_started = threading.Event()
+    release_first = threading.Event()
+
+    @app.task(retry=FAST_RETRY)
+    def once(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, f"attempt {ctx.attempt}"])
+        if ctx.attempt == 1:
+            first_started.set()
+            release_first.wait(10)
+
+    job_id = once.enqueue(business)
+    with running_worker(app, lease_seconds=30) as worker:
+        first_started.wait(10)
+        # The lease "expires" (as when the worker froze) and another worker reaps it.
+        business.execute("update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s", [job_id])
+        business.execute("select pgqueue.reap()")
+        with running_worker(app, lease_seconds=30):
+            wait_until(lambda: finished(business, job_id))
+        release_first.set()
+        wait_until(lambda: worker.counters.lease_lost == 1)
+    assert rows(business) == [(job_id, "attempt 2")]
+
+
+def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def record(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, ctx.worker_id])
+
+    ids = record.enqueue_many(business, [{}] * 400)
+    with running_worker(app, concurrency=8), running_worker(app, concurrency=8):
+        wait_until(lambda: all(finished(business, i) for i in ids))
+    done = rows(business)
+    assert sorted(r[0] for r in done) == ids
+    assert len({r[1] for r in done}) == 2  # both workers took part
+
+
+def test_listen_wakes_an_idle_worker_before_the_poll(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+    started: list[float] = []
+
+    @app.task(transactional=False)
+    async def ping(ctx: pgqueue.JobContext) -> None:
+        started.append(time.monotonic())
+
+    with running_worker(app, poll_interval=60) as worker:
+        wait_until(lambda: worker.counters.lease_calls > 0)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        ping.enqueue(conn)
+        wait_until(lambda: started, timeout=10)
+    # With a 60 s poll, only the NOTIFY can have woken the worker this soon.
+    assert started[0] - t0 < 30
+
+
+def test_scheduled_job_runs_when_due_without_polling(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+    started: list[float] = []
+
+    @app.task(transactional=False)
+    async def later(ctx: pgqueue.JobContext) -> None:
+        started.append(time.monotonic())
+
+    with running_worker(app, poll_interval=60) as worker:
+        wait_until(lambda: worker.counters.lease_calls > 0)
+        t0 = time.monotonic()
+        later.options(delay=1.0).enqueue(conn)
+        wait_until(lambda: started, timeout=20)
+    assert started[0] - t0 >= 0.9
+
+
+def test_graceful_stop_hands_back_unfinished_jobs_without_counting(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+    started = threading.Event()
+
+    @app.task(transactional=False)
+    async def forever(ctx: pgqueue.JobContext) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    job_id = forever.enqueue(conn)
+    with running_worker(app, shutdown_grace=0.2):
+        started.wait(10)
+    row = conn.execute("select state::text, attempts from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    assert row == ("queued", 0)
+
+
+def test_until_empty_drains_and_returns(dsn: str, conn: Conn) -> None:
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    def noop(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    noop.enqueue_many(conn, [{}] * 300)
+    worker = pgqueue.Worker(app, until_empty=True, handle_signals=False, concurrency=16)
+    worker.run()
+    assert worker.counters.succeeded == 300
+    depth = conn.execute("select queued, running, succeeded from pgqueue.queue_depth").fetchone()
+    assert depth == (0, 0, 300)
