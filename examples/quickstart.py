@@ -1,10 +1,10 @@
 """Quickstart: a transactional task, bulk enqueue, and a worker that drains it.
 
-    export PGQUEUE_DSN=postgresql://localhost/mydb
-    pgqueue migrate
-    python examples/quickstart.py 5000          # create the table, enqueue jobs
-    pgqueue worker examples.quickstart:app --until-empty
-    pgqueue stats
+export PGQUEUE_DSN=postgresql://localhost/mydb
+pgqueue migrate
+python examples/quickstart.py 5000          # create the table, enqueue jobs
+pgqueue worker examples.quickstart:app --until-empty
+pgqueue stats
 """
 
 from __future__ import annotations

@@ -89,12 +89,11 @@ class App:
         transactional: bool = True,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
-    ) -> Callable[[F], Task]: ...
+    ) -> Callable[[Callable[..., Any]], Task]: ...
 
     def task(
         self,
-        func: F | None = None,
-        /,
+        func: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         queue: str = "default",
@@ -103,7 +102,7 @@ class App:
         transactional: bool = True,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
-    ) -> Task | Callable[[F], Task]:
+    ) -> Task | Callable[[Callable[..., Any]], Task]:
         """Register a handler as a task.
 
         The handler is called as ``handler(ctx, **args)``. A transactional task
@@ -113,7 +112,7 @@ class App:
         maximum run time of one attempt in seconds.
         """
 
-        def register(f: F) -> Task:
+        def register(f: Callable[..., Any]) -> Task:
             options = producer.Options(
                 queue=queue, priority=priority, max_attempts=max_attempts
             )
@@ -193,4 +192,6 @@ class App:
         **options: Any,
     ) -> list[int]:
         """Enqueue one job of ``task`` per mapping in ``args``, in one round trip."""
-        return producer.enqueue_many(conn, self, task, args, producer.Options(**options))
+        return producer.enqueue_many(
+            conn, self, task, args, producer.Options(**options)
+        )

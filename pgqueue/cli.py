@@ -107,7 +107,9 @@ def _load_app(target: str) -> App:
 
 @cli.command()
 def worker(
-    app_path: Annotated[str, typer.Argument(metavar="MODULE:APP", help="e.g. shop.jobs:app")],
+    app_path: Annotated[
+        str, typer.Argument(metavar="MODULE:APP", help="e.g. shop.jobs:app")
+    ],
     queue: Annotated[
         list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeat).")
     ] = None,
@@ -123,9 +125,14 @@ def worker(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (--no-listen: poll only).")
     ] = True,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning, error.")
+    ] = "info",
     log_json: Annotated[
-        bool | None, typer.Option("--log-json/--log-console", help="Default: JSON unless a terminal.")
+        bool | None,
+        typer.Option(
+            "--log-json/--log-console", help="Default: JSON unless a terminal."
+        ),
     ] = None,
 ) -> None:
     """Run a worker for the tasks of MODULE:APP."""
@@ -219,7 +226,9 @@ def _fetch(conn: psycopg.Connection[Any], query: str, params: Any = None) -> lis
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [["" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
@@ -233,7 +242,13 @@ def stats(
     with _connect() as conn:
         rows = _fetch(conn, stmts.queue_depth)
     headers = [
-        "queue", "queued", "scheduled", "running", "succeeded", "dead", "cancelled",
+        "queue",
+        "queued",
+        "scheduled",
+        "running",
+        "succeeded",
+        "dead",
+        "cancelled",
         "oldest_queued_s",
     ]
     if as_json:
@@ -261,24 +276,52 @@ def jobs(
             if not rows:
                 _fail(f"job {job_id} not found")
             names = [
-                "id", "queue", "task", "state", "priority", "attempts", "max_attempts",
-                "run_at", "created_at", "started_at", "finished_at", "leased_by",
-                "args", "result", "errors",
+                "id",
+                "queue",
+                "task",
+                "state",
+                "priority",
+                "attempts",
+                "max_attempts",
+                "run_at",
+                "created_at",
+                "started_at",
+                "finished_at",
+                "leased_by",
+                "args",
+                "result",
+                "errors",
             ]
-            typer.echo(json.dumps(dict(zip(names, rows[0], strict=True)), indent=2, default=str))
+            typer.echo(
+                json.dumps(
+                    dict(zip(names, rows[0], strict=True)), indent=2, default=str
+                )
+            )
             return
         params = {"queue": queue, "state": state, "task": task, "limit": limit}
         rows = _fetch(conn, stmts.jobs, params)
-    headers = ["id", "queue", "task", "state", "priority", "attempts", "run_at",
-               "created_at", "finished_at"]
+    headers = [
+        "id",
+        "queue",
+        "task",
+        "state",
+        "priority",
+        "attempts",
+        "run_at",
+        "created_at",
+        "finished_at",
+    ]
     typer.echo(_table(headers, [list(r) for r in rows]) if rows else "no jobs")
 
 
 @cli.command()
 def retry(
-    job_id: Annotated[int | None, typer.Argument(help="A dead or cancelled job.")] = None,
+    job_id: Annotated[
+        int | None, typer.Argument(help="A dead or cancelled job.")
+    ] = None,
     all_dead: Annotated[
-        str | None, typer.Option("--all-dead", metavar="QUEUE", help="Every dead job of QUEUE.")
+        str | None,
+        typer.Option("--all-dead", metavar="QUEUE", help="Every dead job of QUEUE."),
     ] = None,
 ) -> None:
     """Queue a dead job again (or every dead job of a queue)."""
@@ -313,7 +356,9 @@ def prune(
     total = 0
     with _connect() as conn:
         while True:
-            count = _fetch(conn, _sql.statements(_settings.schema).prune, [seconds, 10000])[0][0]
+            count = _fetch(
+                conn, _sql.statements(_settings.schema).prune, [seconds, 10000]
+            )[0][0]
             total += count
             if count < 10000:
                 break

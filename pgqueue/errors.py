@@ -78,7 +78,7 @@ class JobTimeout(PgqueueError):
     """The handler ran longer than its task's timeout."""
 
 
-class HandlerOutcome(Exception):  # noqa: N818 - control flow, not an error
+class HandlerOutcome(Exception):
     """Base of outcomes a handler may raise on purpose."""
 
 

@@ -20,9 +20,11 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     Events below ``level`` are dropped before any formatting, so a quiet worker
     pays almost nothing per job for its log calls.
     """
-    numeric = logging.getLevelNamesMapping().get(level.upper()) if hasattr(
-        logging, "getLevelNamesMapping"
-    ) else logging.getLevelName(level.upper())
+    numeric = (
+        logging.getLevelNamesMapping().get(level.upper())
+        if hasattr(logging, "getLevelNamesMapping")
+        else logging.getLevelName(level.upper())
+    )
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
     if json is None:

@@ -52,7 +52,7 @@ def render(text: str, schema: str) -> str:
 
 
 def _migration_dir() -> Path:
-    packaged = resources.files("pgqueue").joinpath("sql", "migrations")
+    packaged = resources.files("pgqueue") / "sql" / "migrations"
     if packaged.is_dir():
         return Path(str(packaged))
     checkout = Path(__file__).resolve().parent.parent / "sql" / "migrations"

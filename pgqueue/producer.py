@@ -74,7 +74,9 @@ def check_options(opts: Options) -> None:
         )
     low, high = MAX_ATTEMPTS_RANGE
     if isinstance(opts.max_attempts, bool) or not isinstance(opts.max_attempts, int):
-        raise errors.InvalidJob(f"max_attempts must be an int, got {opts.max_attempts!r}")
+        raise errors.InvalidJob(
+            f"max_attempts must be an int, got {opts.max_attempts!r}"
+        )
     if not low <= opts.max_attempts <= high:
         raise errors.InvalidJob(
             f"max_attempts {opts.max_attempts} is out of range [{low}, {high}]"
@@ -145,11 +147,21 @@ def _params(
     stmts = _sql.statements(app.schema)
     if isinstance(when, timedelta):
         return stmts.enqueue_delayed, [
-            task, payload, opts.queue, opts.priority, when, opts.max_attempts,
+            task,
+            payload,
+            opts.queue,
+            opts.priority,
+            when,
+            opts.max_attempts,
             opts.idempotency_key,
         ]
     return stmts.enqueue, [
-        task, payload, opts.queue, opts.priority, when, opts.max_attempts,
+        task,
+        payload,
+        opts.queue,
+        opts.priority,
+        when,
+        opts.max_attempts,
         opts.idempotency_key,
     ]
 
@@ -177,11 +189,20 @@ def _many_params(
     n = len(payloads)
     when = _when(opts)
     stmts = _sql.statements(app.schema)
-    query = stmts.enqueue_many_delayed if isinstance(when, timedelta) else stmts.enqueue_many
+    query = (
+        stmts.enqueue_many_delayed
+        if isinstance(when, timedelta)
+        else stmts.enqueue_many
+    )
     # Scalars are broadcast by the statement; only the payloads travel per job.
     return query, {
-        "n": n, "task": task, "args": payloads, "queue": opts.queue,
-        "priority": opts.priority, "when": when, "max_attempts": opts.max_attempts,
+        "n": n,
+        "task": task,
+        "args": payloads,
+        "queue": opts.queue,
+        "priority": opts.priority,
+        "when": when,
+        "max_attempts": opts.max_attempts,
     }
 
 

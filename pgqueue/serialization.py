@@ -17,7 +17,9 @@ def _check(value: Any, path: str) -> None:
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ArgumentsNotSerializable(f"{path} is {value}: JSON has no NaN/Infinity")
+            raise ArgumentsNotSerializable(
+                f"{path} is {value}: JSON has no NaN/Infinity"
+            )
         return
     if isinstance(value, str):
         if "\x00" in value:

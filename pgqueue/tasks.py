@@ -58,7 +58,7 @@ class Task:
         max_attempts: int | None = None,
     ) -> Task:
         """Return this task with other enqueue options (unset ones are kept)."""
-        changes = {
+        changes: dict[str, Any] = {
             name: value
             for name, value in (
                 ("queue", queue),
@@ -86,7 +86,9 @@ class Task:
         """
         return producer.enqueue(conn, self.app, self.name, args, self.defaults)
 
-    async def enqueue_async(self, conn: psycopg.AsyncConnection[Any], **args: Any) -> int:
+    async def enqueue_async(
+        self, conn: psycopg.AsyncConnection[Any], **args: Any
+    ) -> int:
         """Like :meth:`enqueue`, on an async connection."""
         return await producer.enqueue_async(
             conn, self.app, self.name, args, self.defaults

@@ -41,7 +41,6 @@ from pgqueue.errors import (
     JobTimeout,
     LeaseLost,
     Retry,
-    TaskNotFound,
 )
 from pgqueue.jobs import Job
 from pgqueue.log import get_logger
@@ -258,7 +257,11 @@ class Worker:
             if self._next_due_at is not None and now >= self._next_due_at:
                 self._next_due_at = None
                 self._due = True
-            if self._due and free > 0 and (free >= self._batch_min or not self._running):
+            if (
+                self._due
+                and free > 0
+                and (free >= self._batch_min or not self._running)
+            ):
                 try:
                     jobs = await self._lease(free)
                     backoff = 0.05
@@ -312,7 +315,7 @@ class Worker:
             None if seconds is None else self._loop.time() + max(0.0, float(seconds))
         )
 
-    # -- running one job ------------------------------------------------------------
+    # -- running one job ----------------------------------------------------------
 
     def _start(self, job: Job) -> None:
         attempt = _Attempt(job=job, started=time.perf_counter())
@@ -379,15 +382,21 @@ class Worker:
         )
         return job
 
-    async def _run_async(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> None:
+    async def _run_async(
+        self, attempt: _Attempt, task: Task, args: dict[str, Any]
+    ) -> None:
         job = attempt.job
         if not task.transactional:
-            result = await self._within_timeout(task, task.func(self._context(job, None), **args))
+            result = await self._within_timeout(
+                task, task.func(self._context(job, None), **args)
+            )
             self._completed_later(attempt, self._result_json(result))
             return
         assert self._pool is not None
         async with self._pool.connection() as conn, conn.transaction():
-            result = await self._within_timeout(task, task.func(self._context(job, conn), **args))
+            result = await self._within_timeout(
+                task, task.func(self._context(job, conn), **args)
+            )
             payload = self._result_json(result)
             cur = await conn.execute(
                 self._stmts.complete, [[job.id], [job.lease_token], [payload]]
@@ -402,9 +411,13 @@ class Worker:
         try:
             return await asyncio.wait_for(coro, task.timeout)
         except TimeoutError:
-            raise JobTimeout(f"{task.name} ran longer than its timeout of {task.timeout} s") from None
+            raise JobTimeout(
+                f"{task.name} ran longer than its timeout of {task.timeout} s"
+            ) from None
 
-    async def _run_sync(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> None:
+    async def _run_sync(
+        self, attempt: _Attempt, task: Task, args: dict[str, Any]
+    ) -> None:
         assert self._loop is not None and self._executor is not None
         future = self._loop.run_in_executor(
             self._executor, self._call_sync, attempt, task, args
@@ -421,7 +434,9 @@ class Worker:
             await self._fail(
                 attempt,
                 task,
-                JobTimeout(f"{task.name} ran longer than its timeout of {task.timeout} s"),
+                JobTimeout(
+                    f"{task.name} ran longer than its timeout of {task.timeout} s"
+                ),
             )
             with contextlib.suppress(BaseException):
                 await future
@@ -432,7 +447,9 @@ class Worker:
         else:
             self._completed_later(attempt, payload)
 
-    def _call_sync(self, attempt: _Attempt, task: Task, args: dict[str, Any]) -> str | None:
+    def _call_sync(
+        self, attempt: _Attempt, task: Task, args: dict[str, Any]
+    ) -> str | None:
         """Run a sync handler (in a pool thread). Returns the result's JSON."""
         job = attempt.job
         if not task.transactional:
@@ -492,7 +509,9 @@ class Worker:
             detail="the lease expired or moved; this attempt's result was discarded",
         )
 
-    async def _fail(self, attempt: _Attempt, task: Task | None, exc: BaseException) -> None:
+    async def _fail(
+        self, attempt: _Attempt, task: Task | None, exc: BaseException
+    ) -> None:
         """Record a failed attempt in its own transaction (retry or dead)."""
         job = attempt.job
         if attempt.abandoned:
@@ -520,7 +539,9 @@ class Worker:
                 state = rows[0][0] if rows else None
                 break
             except Exception as db_exc:
-                self._log.warning("fail_not_recorded", job_id=job.id, error=repr(db_exc))
+                self._log.warning(
+                    "fail_not_recorded", job_id=job.id, error=repr(db_exc)
+                )
         else:
             return  # the lease will expire and reap will count the attempt
         if state is None:
@@ -539,7 +560,7 @@ class Worker:
             retry_in_s=round(delay, 3) if state == "queued" else None,
         )
 
-    # -- background loops -------------------------------------------------------------
+    # -- background loops ---------------------------------------------------------
 
     async def _flusher(self) -> None:
         """Write buffered completions, one statement for everything pending."""
@@ -615,12 +636,14 @@ class Worker:
             except Exception as exc:
                 self._log.warning("maintenance_failed", error=repr(exc))
 
-    # -- shutdown ----------------------------------------------------------------------
+    # -- shutdown -----------------------------------------------------------------
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         pending = [a.future for a in self._running.values() if a.future is not None]
         if pending:
-            self._log.info("worker_draining", jobs=len(pending), grace_s=self.shutdown_grace)
+            self._log.info(
+                "worker_draining", jobs=len(pending), grace_s=self.shutdown_grace
+            )
             await asyncio.wait(pending, timeout=self.shutdown_grace)
         left = list(self._running.values())
         if left:
@@ -637,7 +660,9 @@ class Worker:
             for attempt in left:
                 if attempt.future is not None:
                     attempt.future.cancel()
-            await asyncio.wait([a.future for a in left if a.future is not None], timeout=1)
+            await asyncio.wait(
+                [a.future for a in left if a.future is not None], timeout=1
+            )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_now(), 10)
         for task in background:
@@ -657,7 +682,7 @@ class Worker:
             failed=self.counters.failed,
         )
 
-    # -- database helpers ----------------------------------------------------------------
+    # -- database helpers ---------------------------------------------------------
 
     async def _fetch(self, query: str, params: list[Any]) -> list[tuple[Any, ...]]:
         assert self._pool is not None

@@ -78,7 +78,11 @@ def dsn(postgresql: psycopg.Connection[Any]) -> str:
     """DSN of this test's own database, migrated and empty."""
     info = postgresql.info
     return make_conninfo(
-        "", host=info.host, port=info.port, user=info.user, dbname=info.dbname,
+        "",
+        host=info.host,
+        port=info.port,
+        user=info.user,
+        dbname=info.dbname,
         password=info.password or None,
     )
 

@@ -33,7 +33,9 @@ def count(conn: Conn, where: str = "true") -> int:
     return int(row[0]) if row else -1
 
 
-def test_job_exists_iff_the_callers_transaction_commits(app: pgqueue.App, dsn: str, conn: Conn) -> None:
+def test_job_exists_iff_the_callers_transaction_commits(
+    app: pgqueue.App, dsn: str, conn: Conn
+) -> None:
     send = app.tasks["send"]
     with psycopg.connect(dsn) as producer:
         with producer.transaction():
@@ -51,8 +53,13 @@ def test_task_defaults_and_options(app: pgqueue.App, conn: Conn) -> None:
     send = app.tasks["send"]
     a = send.enqueue(conn, to="x")
     b = send.options(priority=-1, queue="bulk", max_attempts=3).enqueue(conn, to="y")
-    row_a = conn.execute("select queue, priority, max_attempts, args from pgqueue.jobs where id = %s", [a]).fetchone()
-    row_b = conn.execute("select queue, priority, max_attempts from pgqueue.jobs where id = %s", [b]).fetchone()
+    row_a = conn.execute(
+        "select queue, priority, max_attempts, args from pgqueue.jobs where id = %s",
+        [a],
+    ).fetchone()
+    row_b = conn.execute(
+        "select queue, priority, max_attempts from pgqueue.jobs where id = %s", [b]
+    ).fetchone()
     assert row_a == ("emails", 3, 25, {"to": "x"})
     assert row_b == ("bulk", -1, 3)
 
@@ -62,16 +69,25 @@ def test_delay_and_run_at_use_the_database_clock(app: pgqueue.App, conn: Conn) -
     delayed = send.options(delay=timedelta(minutes=5)).enqueue(conn, to="x")
     at = datetime.now(timezone.utc) + timedelta(hours=2)
     scheduled = send.options(run_at=at).enqueue(conn, to="y")
-    wait = conn.execute("select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [delayed]).fetchone()
+    wait = conn.execute(
+        "select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s",
+        [delayed],
+    ).fetchone()
     assert wait is not None and 299 < wait[0] <= 300
-    stored = conn.execute("select run_at from pgqueue.jobs where id = %s", [scheduled]).fetchone()
+    stored = conn.execute(
+        "select run_at from pgqueue.jobs where id = %s", [scheduled]
+    ).fetchone()
     assert stored is not None and abs((stored[0] - at).total_seconds()) < 0.001
 
 
 def test_enqueue_by_name_without_the_handler(dsn: str, conn: Conn) -> None:
     producer_app = pgqueue.App(dsn)  # knows no tasks
-    job_id = producer_app.enqueue(conn, "reports.build", {"day": "2026-11-22"}, queue="reports")
-    row = conn.execute("select task, queue, args from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    job_id = producer_app.enqueue(
+        conn, "reports.build", {"day": "2026-11-22"}, queue="reports"
+    )
+    row = conn.execute(
+        "select task, queue, args from pgqueue.jobs where id = %s", [job_id]
+    ).fetchone()
     assert row == ("reports.build", "reports", {"day": "2026-11-22"})
 
 
@@ -84,7 +100,9 @@ def test_bulk_enqueue_is_one_statement(app: pgqueue.App, conn: Conn) -> None:
     assert send.enqueue_many(conn, []) == []
 
 
-def test_idempotency_key_under_20_concurrent_producers(app: pgqueue.App, dsn: str, conn: Conn) -> None:
+def test_idempotency_key_under_20_concurrent_producers(
+    app: pgqueue.App, dsn: str, conn: Conn
+) -> None:
     send = app.tasks["send"].options(idempotency_key="welcome-42")
     barrier = threading.Barrier(20)
     ids: list[int] = []
@@ -125,7 +143,11 @@ def test_async_producer(app: pgqueue.App, dsn: str, conn: Conn) -> None:
 BAD_INPUT = [
     ({"args": {"when": datetime.now()}}, ArgumentsNotSerializable, "datetime"),
     ({"args": {"x": math.nan}}, ArgumentsNotSerializable, "NaN"),
-    ({"args": {"x": [1, {"y": math.inf}]}}, ArgumentsNotSerializable, "args['x'][1]['y']"),
+    (
+        {"args": {"x": [1, {"y": math.inf}]}},
+        ArgumentsNotSerializable,
+        "args['x'][1]['y']",
+    ),
     ({"args": {"x": "a\x00b"}}, ArgumentsNotSerializable, "NUL"),
     ({"args": {"x": {1: "int key"}}}, ArgumentsNotSerializable, "keys must be strings"),
     ({"args": {"x": object()}}, ArgumentsNotSerializable, "not JSON"),
@@ -139,7 +161,11 @@ BAD_INPUT = [
     ({"idempotency_key": "k" * 256}, InvalidJob, "over 255"),
     ({"idempotency_key": ""}, InvalidJob, "non-empty"),
     ({"run_at": datetime(2030, 1, 1)}, InvalidJob, "naive datetime"),
-    ({"delay": 10.0, "run_at": datetime(2030, 1, 1, tzinfo=timezone.utc)}, InvalidJob, "not both"),
+    (
+        {"delay": 10.0, "run_at": datetime(2030, 1, 1, tzinfo=timezone.utc)},
+        InvalidJob,
+        "not both",
+    ),
     ({"delay": 1e12}, InvalidJob, "100 years"),
 ]
 
@@ -151,12 +177,13 @@ def test_bad_input_raises_clearly_and_writes_nothing(
     app = pgqueue.App(dsn)
     call: dict[str, Any] = {"task": "t", "args": {"ok": 1}, **bad}
     task, args = call.pop("task"), call.pop("args")
-    with psycopg.connect(dsn) as producer:
-        with producer.transaction():
-            with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
-                app.enqueue(producer, task, args, **call)
-            # The caller's transaction is still usable: the check ran before SQL.
-            app.enqueue(producer, "t", {"ok": 2})
+    with psycopg.connect(dsn) as producer, producer.transaction():
+        with pytest.raises(
+            error, match=message.replace("[", r"\[").replace("]", r"\]")
+        ):
+            app.enqueue(producer, task, args, **call)
+        # The caller's transaction is still usable: the check ran before SQL.
+        app.enqueue(producer, "t", {"ok": 2})
     assert count(conn) == 1
 
 
@@ -171,6 +198,8 @@ def test_payload_size_limit(dsn: str, conn: Conn) -> None:
 def test_unicode_and_quotes_are_stored_verbatim(dsn: str, conn: Conn) -> None:
     app = pgqueue.App(dsn)
     args = {"s": "'; drop table pgqueue.jobs; --", "b": "\\x00\\", "u": "日本語 🚀"}
-    job_id = app.enqueue(conn, "t", args, idempotency_key="it's \"quoted\"")
-    row = conn.execute("select args, idempotency_key from pgqueue.jobs where id = %s", [job_id]).fetchone()
-    assert row == (args, "it's \"quoted\"")
+    job_id = app.enqueue(conn, "t", args, idempotency_key='it\'s "quoted"')
+    row = conn.execute(
+        "select args, idempotency_key from pgqueue.jobs where id = %s", [job_id]
+    ).fetchone()
+    assert row == (args, 'it\'s "quoted"')

@@ -26,11 +26,15 @@ def business(conn: Conn) -> Conn:
 
 
 def job_state(conn: Conn, job_id: int) -> str | None:
-    row = conn.execute("select state::text from pgqueue.jobs_overview where id = %s", [job_id]).fetchone()
+    row = conn.execute(
+        "select state::text from pgqueue.jobs_overview where id = %s", [job_id]
+    ).fetchone()
     return row[0] if row else None
 
 
-def finished(conn: Conn, job_id: int, states: tuple[str, ...] = ("succeeded", "dead")) -> bool:
+def finished(
+    conn: Conn, job_id: int, states: tuple[str, ...] = ("succeeded", "dead")
+) -> bool:
     return job_state(conn, job_id) in states
 
 
@@ -38,7 +42,9 @@ def rows(conn: Conn) -> list[tuple[Any, ...]]:
     return conn.execute("select job_id, value from business order by job_id").fetchall()
 
 
-def test_transactional_handler_commits_with_completion(dsn: str, business: Conn) -> None:
+def test_transactional_handler_commits_with_completion(
+    dsn: str, business: Conn
+) -> None:
     app = pgqueue.App(dsn)
 
     @app.task()
@@ -50,16 +56,23 @@ def test_transactional_handler_commits_with_completion(dsn: str, business: Conn)
     with running_worker(app):
         wait_until(lambda: all(finished(business, i) for i in ids))
     assert [r[0] for r in rows(business)] == ids
-    result = business.execute("select result from pgqueue.finished_jobs where id = %s", [ids[7]]).fetchone()
+    result = business.execute(
+        "select result from pgqueue.finished_jobs where id = %s", [ids[7]]
+    ).fetchone()
     assert result == ({"stored": "7"},)
 
 
-def test_handler_exception_rolls_back_its_writes_and_records_the_error(dsn: str, business: Conn) -> None:
+def test_handler_exception_rolls_back_its_writes_and_records_the_error(
+    dsn: str, business: Conn
+) -> None:
     app = pgqueue.App(dsn)
 
     @app.task(max_attempts=3, retry=FAST_RETRY)
     def flaky(ctx: pgqueue.JobContext) -> None:
-        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, f"attempt {ctx.attempt}"])
+        ctx.conn.execute(
+            "insert into business values (%s, %s)",
+            [ctx.job.id, f"attempt {ctx.attempt}"],
+        )
         if ctx.attempt < 3:
             raise ValueError(f"boom {ctx.attempt}")
 
@@ -67,9 +80,14 @@ def test_handler_exception_rolls_back_its_writes_and_records_the_error(dsn: str,
     with running_worker(app):
         wait_until(lambda: finished(business, job_id))
     assert rows(business) == [(job_id, "attempt 3")]
-    errors = business.execute("select attempts, errors from pgqueue.finished_jobs where id = %s", [job_id]).fetchone()
+    errors = business.execute(
+        "select attempts, errors from pgqueue.finished_jobs where id = %s", [job_id]
+    ).fetchone()
     assert errors is not None and errors[0] == 2
-    assert [e["error"] for e in errors[1]] == ["ValueError: boom 1", "ValueError: boom 2"]
+    assert [e["error"] for e in errors[1]] == [
+        "ValueError: boom 1",
+        "ValueError: boom 2",
+    ]
     assert "Traceback" in errors[1][0]["traceback"] and errors[1][0]["attempt"] == 1
 
 
@@ -83,7 +101,9 @@ def test_retry_then_dead_after_max_attempts(dsn: str, conn: Conn) -> None:
     job_id = always_fails.enqueue(conn)
     with running_worker(app):
         wait_until(lambda: finished(conn, job_id))
-    row = conn.execute("select attempts, last_error from pgqueue.dead_jobs where id = %s", [job_id]).fetchone()
+    row = conn.execute(
+        "select attempts, last_error from pgqueue.dead_jobs where id = %s", [job_id]
+    ).fetchone()
     assert row == (3, "RuntimeError: no luck")
 
 
@@ -96,12 +116,22 @@ def test_retry_outcome_sets_the_delay(dsn: str, conn: Conn) -> None:
 
     job_id = later.enqueue(conn)
     with running_worker(app):
-        wait_until(lambda: conn.execute("select attempts from pgqueue.jobs where id = %s and state = 'queued' and attempts = 1", [job_id]).fetchone())
-    wait = conn.execute("select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [job_id]).fetchone()
+        wait_until(
+            lambda: conn.execute(
+                "select attempts from pgqueue.jobs where id = %s and state = 'queued' and attempts = 1",
+                [job_id],
+            ).fetchone()
+        )
+    wait = conn.execute(
+        "select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s",
+        [job_id],
+    ).fetchone()
     assert wait is not None and wait[0] > 3500
 
 
-def test_unknown_task_fails_clearly_and_the_worker_keeps_going(dsn: str, business: Conn) -> None:
+def test_unknown_task_fails_clearly_and_the_worker_keeps_going(
+    dsn: str, business: Conn
+) -> None:
     app = pgqueue.App(dsn)
 
     @app.task()
@@ -112,12 +142,20 @@ def test_unknown_task_fails_clearly_and_the_worker_keeps_going(dsn: str, busines
     job_id = known.enqueue(business)
     with running_worker(app):
         wait_until(lambda: finished(business, job_id) and finished(business, stranger))
-    error = business.execute("select last_error from pgqueue.dead_jobs where id = %s", [stranger]).fetchone()
-    assert error is not None and "TaskNotFound" in error[0] and "not_registered" in error[0]
+    error = business.execute(
+        "select last_error from pgqueue.dead_jobs where id = %s", [stranger]
+    ).fetchone()
+    assert (
+        error is not None
+        and "TaskNotFound" in error[0]
+        and "not_registered" in error[0]
+    )
     assert rows(business) == [(job_id, "ok")]
 
 
-def test_arguments_that_do_not_match_the_handler_fail_that_job(dsn: str, conn: Conn) -> None:
+def test_arguments_that_do_not_match_the_handler_fail_that_job(
+    dsn: str, conn: Conn
+) -> None:
     app = pgqueue.App(dsn)
 
     @app.task(max_attempts=1)
@@ -128,19 +166,25 @@ def test_arguments_that_do_not_match_the_handler_fail_that_job(dsn: str, conn: C
     good = needs_x.enqueue(conn, x=1)
     with running_worker(app):
         wait_until(lambda: finished(conn, bad) and finished(conn, good))
-    error = conn.execute("select last_error from pgqueue.dead_jobs where id = %s", [bad]).fetchone()
+    error = conn.execute(
+        "select last_error from pgqueue.dead_jobs where id = %s", [bad]
+    ).fetchone()
     assert error is not None and "do not match" in error[0]
     assert job_state(conn, good) == "succeeded"
 
 
 @pytest.mark.parametrize("is_async", [True, False], ids=["async", "sync"])
-def test_timeout_abandons_the_attempt_and_rolls_back(dsn: str, business: Conn, is_async: bool) -> None:
+def test_timeout_abandons_the_attempt_and_rolls_back(
+    dsn: str, business: Conn, is_async: bool
+) -> None:
     app = pgqueue.App(dsn)
     if is_async:
 
         @app.task(timeout=0.3, max_attempts=2, retry=FAST_RETRY)
         async def slow(ctx: pgqueue.JobContext) -> None:
-            await ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)])
+            await ctx.conn.execute(
+                "insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)]
+            )
             if ctx.attempt == 1:
                 await asyncio.sleep(5)
 
@@ -148,7 +192,9 @@ def test_timeout_abandons_the_attempt_and_rolls_back(dsn: str, business: Conn, i
 
         @app.task(timeout=0.3, max_attempts=2, retry=FAST_RETRY)
         def slow(ctx: pgqueue.JobContext) -> None:
-            ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)])
+            ctx.conn.execute(
+                "insert into business values (%s, %s)", [ctx.job.id, str(ctx.attempt)]
+            )
             if ctx.attempt == 1:
                 time.sleep(1.5)
 
@@ -157,7 +203,9 @@ def test_timeout_abandons_the_attempt_and_rolls_back(dsn: str, business: Conn, i
         wait_until(lambda: finished(business, job_id))
     assert job_state(business, job_id) == "succeeded"
     assert rows(business) == [(job_id, "2")]
-    errors = business.execute("select errors from pgqueue.finished_jobs where id = %s", [job_id]).fetchone()
+    errors = business.execute(
+        "select errors from pgqueue.finished_jobs where id = %s", [job_id]
+    ).fetchone()
     assert errors is not None and errors[0][0]["kind"] == "JobTimeout"
 
 
@@ -173,7 +221,9 @@ def test_non_transactional_async_task_stores_its_result(dsn: str, conn: Conn) ->
     ids = summarize.enqueue_many(conn, [{"text": "a b c"}] * 20)
     with running_worker(app, concurrency=20):
         wait_until(lambda: all(finished(conn, i) for i in ids))
-    results = conn.execute("select distinct result from pgqueue.finished_jobs").fetchall()
+    results = conn.execute(
+        "select distinct result from pgqueue.finished_jobs"
+    ).fetchall()
     assert results == [({"words": 3},)]
 
 
@@ -186,7 +236,10 @@ def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None
 
     @app.task(retry=FAST_RETRY)
     def once(ctx: pgqueue.JobContext) -> None:
-        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, f"attempt {ctx.attempt}"])
+        ctx.conn.execute(
+            "insert into business values (%s, %s)",
+            [ctx.job.id, f"attempt {ctx.attempt}"],
+        )
         if ctx.attempt == 1:
             first_started.set()
             release_first.wait(10)
@@ -195,7 +248,10 @@ def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None
     with running_worker(app, lease_seconds=30) as worker:
         first_started.wait(10)
         # The lease "expires" (as when the worker froze) and another worker reaps it.
-        business.execute("update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s", [job_id])
+        business.execute(
+            "update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s",
+            [job_id],
+        )
         business.execute("select pgqueue.reap()")
         with running_worker(app, lease_seconds=30):
             wait_until(lambda: finished(business, job_id))
@@ -209,7 +265,9 @@ def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
 
     @app.task()
     def record(ctx: pgqueue.JobContext) -> None:
-        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, ctx.worker_id])
+        ctx.conn.execute(
+            "insert into business values (%s, %s)", [ctx.job.id, ctx.worker_id]
+        )
 
     ids = record.enqueue_many(business, [{}] * 400)
     with running_worker(app, concurrency=8), running_worker(app, concurrency=8):
@@ -253,7 +311,9 @@ def test_scheduled_job_runs_when_due_without_polling(dsn: str, conn: Conn) -> No
     assert started[0] - t0 >= 0.9
 
 
-def test_graceful_stop_hands_back_unfinished_jobs_without_counting(dsn: str, conn: Conn) -> None:
+def test_graceful_stop_hands_back_unfinished_jobs_without_counting(
+    dsn: str, conn: Conn
+) -> None:
     app = pgqueue.App(dsn)
     started = threading.Event()
 
@@ -265,7 +325,9 @@ def test_graceful_stop_hands_back_unfinished_jobs_without_counting(dsn: str, con
     job_id = forever.enqueue(conn)
     with running_worker(app, shutdown_grace=0.2):
         started.wait(10)
-    row = conn.execute("select state::text, attempts from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    row = conn.execute(
+        "select state::text, attempts from pgqueue.jobs where id = %s", [job_id]
+    ).fetchone()
     assert row == ("queued", 0)
 
 
@@ -280,5 +342,7 @@ def test_until_empty_drains_and_returns(dsn: str, conn: Conn) -> None:
     worker = pgqueue.Worker(app, until_empty=True, handle_signals=False, concurrency=16)
     worker.run()
     assert worker.counters.succeeded == 300
-    depth = conn.execute("select queued, running, succeeded from pgqueue.queue_depth").fetchone()
+    depth = conn.execute(
+        "select queued, running, succeeded from pgqueue.queue_depth"
+    ).fetchone()
     assert depth == (0, 0, 300)

@@ -37,7 +37,9 @@ def running_worker(app: pgqueue.App, **options: Any) -> Iterator[pgqueue.Worker]
             raise errors[0]
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.02) -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout: float = 20.0, every: float = 0.02
+) -> Any:
     """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

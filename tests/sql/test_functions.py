@@ -43,7 +43,9 @@ def lease(conn: Conn, n: int = 1, queues: list[str] | None = None, secs: float =
 
 
 def state(conn: Conn, job_id: int) -> str:
-    return one(conn, "select state::text from pgqueue.jobs_overview where id = %s", [job_id])
+    return one(
+        conn, "select state::text from pgqueue.jobs_overview where id = %s", [job_id]
+    )
 
 
 def test_enqueue_from_sql_with_defaults(conn: Conn) -> None:
@@ -73,11 +75,16 @@ def test_priority_then_fifo_order(conn: Conn) -> None:
 
 
 def test_lease_skips_jobs_scheduled_later(conn: Conn) -> None:
-    later = one(conn, "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')")
+    later = one(
+        conn,
+        "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')",
+    )
     now = enqueue(conn)
     assert [r[0] for r in lease(conn, 10)] == [now]
     assert state(conn, later) == "queued"
-    seconds = one(conn, "select extract(epoch from pgqueue.next_run_at(array['default']) - now())")
+    seconds = one(
+        conn, "select extract(epoch from pgqueue.next_run_at(array['default']) - now())"
+    )
     assert 3500 < seconds <= 3600
 
 
@@ -90,35 +97,45 @@ def test_lease_only_from_named_queues(conn: Conn) -> None:
 
 def test_complete_is_fenced_by_lease_token(conn: Conn) -> None:
     job_id = enqueue(conn)
-    [(leased_id, token, _)] = lease(conn)
+    [(_, token, _)] = lease(conn)
     wrong = conn.execute(
         "select pgqueue.complete(%s, %s, null)", [[job_id], [uuid.uuid4()]]
     ).fetchall()
     assert wrong == []
     assert state(conn, job_id) == "running"
     done = conn.execute(
-        "select pgqueue.complete(%s, %s, %s::jsonb[])", [[job_id], [token], ['{"ok": 1}']]
+        "select pgqueue.complete(%s, %s, %s::jsonb[])",
+        [[job_id], [token], ['{"ok": 1}']],
     ).fetchall()
     assert done == [(job_id,)]
     assert conn.execute(
         "select state::text, result from pgqueue.finished_jobs where id = %s", [job_id]
     ).fetchone() == ("succeeded", {"ok": 1})
     # A second completion with the same token finds nothing.
-    assert conn.execute("select pgqueue.complete(%s, %s)", [[job_id], [token]]).fetchall() == []
+    assert (
+        conn.execute("select pgqueue.complete(%s, %s)", [[job_id], [token]]).fetchall()
+        == []
+    )
 
 
 def test_fail_retries_with_delay_then_dead_with_history(conn: Conn) -> None:
     job_id = enqueue(conn, max_attempts=2)
     [(_, token, _)] = lease(conn)
     err = json.dumps({"error": "ValueError: first"})
-    assert one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token, err]) == "queued"
+    assert (
+        one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token, err])
+        == "queued"
+    )
     [(_, token2, attempts)] = lease(conn)
     assert attempts == 1 and token2 != token
     err = json.dumps({"error": "ValueError: second"})
-    assert one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token2, err]) == "dead"
+    assert (
+        one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token2, err]) == "dead"
+    )
     row = conn.execute(
         "select attempts, last_error, jsonb_array_length(errors) from pgqueue.dead_jobs"
-        " where id = %s", [job_id]
+        " where id = %s",
+        [job_id],
     ).fetchone()
     assert row == (2, "ValueError: second", 2)
 
@@ -126,7 +143,10 @@ def test_fail_retries_with_delay_then_dead_with_history(conn: Conn) -> None:
 def test_fail_with_old_token_changes_nothing(conn: Conn) -> None:
     job_id = enqueue(conn)
     lease(conn)
-    assert one(conn, "select pgqueue.fail(%s, %s, '{}', 0)", [job_id, uuid.uuid4()]) is None
+    assert (
+        one(conn, "select pgqueue.fail(%s, %s, '{}', 0)", [job_id, uuid.uuid4()])
+        is None
+    )
     assert state(conn, job_id) == "running"
 
 
@@ -134,7 +154,11 @@ def test_fail_delay_sets_run_at(conn: Conn) -> None:
     job_id = enqueue(conn)
     [(_, token, _)] = lease(conn)
     conn.execute("select pgqueue.fail(%s, %s, '{}', 120)", [job_id, token])
-    wait = one(conn, "select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s", [job_id])
+    wait = one(
+        conn,
+        "select extract(epoch from run_at - now()) from pgqueue.jobs where id = %s",
+        [job_id],
+    )
     assert 119 < wait <= 120
     assert lease(conn) == []
 
@@ -143,12 +167,18 @@ def test_reap_counts_an_attempt_and_ends_dead(conn: Conn) -> None:
     job_id = enqueue(conn, max_attempts=2)
     lease(conn, secs=0.001)
     conn.execute("select pg_sleep(0.01)")
-    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [(job_id, "queued")]
+    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [
+        (job_id, "queued")
+    ]
     conn.execute("update pgqueue.jobs set run_at = now() where id = %s", [job_id])
     lease(conn, secs=0.001)
     conn.execute("select pg_sleep(0.01)")
-    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [(job_id, "dead")]
-    errors = one(conn, "select errors from pgqueue.finished_jobs where id = %s", [job_id])
+    assert conn.execute("select id, state::text from pgqueue.reap()").fetchall() == [
+        (job_id, "dead")
+    ]
+    errors = one(
+        conn, "select errors from pgqueue.finished_jobs where id = %s", [job_id]
+    )
     assert [e["kind"] for e in errors] == ["lease_expired", "lease_expired"]
 
 
@@ -163,24 +193,34 @@ def test_heartbeat_extends_only_held_leases(conn: Conn) -> None:
     a, b = enqueue(conn), enqueue(conn)
     leased = {row[0]: row[1] for row in lease(conn, 2, secs=1)}
     held = conn.execute(
-        "select pgqueue.heartbeat('w', %s, %s, 600)", [[a, b], [leased[a], uuid.uuid4()]]
+        "select pgqueue.heartbeat('w', %s, %s, 600)",
+        [[a, b], [leased[a], uuid.uuid4()]],
     ).fetchall()
     assert held == [(a,)]
-    left = one(conn, "select extract(epoch from lease_expires_at - now()) from pgqueue.jobs where id = %s", [a])
+    left = one(
+        conn,
+        "select extract(epoch from lease_expires_at - now()) from pgqueue.jobs where id = %s",
+        [a],
+    )
     assert left > 500
 
 
 def test_hand_back_does_not_count_an_attempt(conn: Conn) -> None:
     job_id = enqueue(conn)
     [(_, token, _)] = lease(conn)
-    assert conn.execute("select pgqueue.hand_back(%s, %s)", [[job_id], [token]]).fetchall() == [(job_id,)]
+    assert conn.execute(
+        "select pgqueue.hand_back(%s, %s)", [[job_id], [token]]
+    ).fetchall() == [(job_id,)]
     [(again, _, attempts)] = lease(conn)
     assert again == job_id and attempts == 0
 
 
 def test_cancel_queued_and_refuse_running_or_unknown(conn: Conn) -> None:
     queued, running = enqueue(conn), enqueue(conn)
-    conn.execute("update pgqueue.jobs set run_at = now() + interval '1 day' where id = %s", [queued])
+    conn.execute(
+        "update pgqueue.jobs set run_at = now() + interval '1 day' where id = %s",
+        [queued],
+    )
     lease(conn)
     assert one(conn, "select pgqueue.cancel(%s)", [queued]) == "cancelled"
     with pytest.raises(psycopg.Error) as info:
@@ -194,10 +234,15 @@ def test_cancel_queued_and_refuse_running_or_unknown(conn: Conn) -> None:
 def test_retry_dead_job_resets_attempts_and_keeps_errors(conn: Conn) -> None:
     job_id = enqueue(conn, max_attempts=1)
     [(_, token, _)] = lease(conn)
-    conn.execute("""select pgqueue.fail(%s, %s, '{"error": "boom"}', 0)""", [job_id, token])
+    conn.execute(
+        """select pgqueue.fail(%s, %s, '{"error": "boom"}', 0)""", [job_id, token]
+    )
     assert state(conn, job_id) == "dead"
     assert one(conn, "select pgqueue.retry(%s)", [job_id]) == "queued"
-    row = conn.execute("select attempts, jsonb_array_length(errors) from pgqueue.jobs where id = %s", [job_id]).fetchone()
+    row = conn.execute(
+        "select attempts, jsonb_array_length(errors) from pgqueue.jobs where id = %s",
+        [job_id],
+    ).fetchone()
     assert row == (0, 1)
     with pytest.raises(psycopg.Error) as info:
         conn.execute("select pgqueue.retry(%s)", [job_id])
@@ -212,14 +257,22 @@ def test_retry_dead_requeues_a_whole_queue(conn: Conn) -> None:
     assert sorted(r[0] for r in lease(conn, 10, ["q"])) == sorted(ids)
 
 
-def test_idempotency_key_returns_existing_job_even_after_it_finished(conn: Conn) -> None:
+def test_idempotency_key_returns_existing_job_even_after_it_finished(
+    conn: Conn,
+) -> None:
     first = enqueue(conn, key="order-1")
     assert enqueue(conn, key="order-1") == first
     assert enqueue(conn, key="order-1", queue="other") != first
     [(_, token, _)] = lease(conn)
     conn.execute("select pgqueue.complete(%s, %s)", [[first], [token]])
     assert enqueue(conn, key="order-1") == first
-    assert one(conn, "select count(*) from pgqueue.jobs_overview where idempotency_key = 'order-1'") == 2
+    assert (
+        one(
+            conn,
+            "select count(*) from pgqueue.jobs_overview where idempotency_key = 'order-1'",
+        )
+        == 2
+    )
 
 
 def test_prune_forgets_old_finished_jobs_and_their_keys(conn: Conn) -> None:
@@ -227,7 +280,9 @@ def test_prune_forgets_old_finished_jobs_and_their_keys(conn: Conn) -> None:
     [(_, token, _)] = lease(conn)
     conn.execute("select pgqueue.complete(%s, %s)", [[job_id], [token]])
     assert one(conn, "select pgqueue.prune(interval '1 hour')") == 0
-    conn.execute("update pgqueue.finished_jobs set finished_at = now() - interval '2 hours'")
+    conn.execute(
+        "update pgqueue.finished_jobs set finished_at = now() - interval '2 hours'"
+    )
     assert one(conn, "select pgqueue.prune(interval '1 hour')") == 1
     assert enqueue(conn, key="k") != job_id
 
@@ -244,7 +299,9 @@ def test_enqueue_many_in_order_with_keys(conn: Conn) -> None:
 
 def test_enqueue_many_rejects_arrays_of_different_lengths(conn: Conn) -> None:
     with pytest.raises(psycopg.Error) as info:
-        conn.execute("select * from pgqueue.enqueue_many(array['a','b'], array['{}']::jsonb[])")
+        conn.execute(
+            "select * from pgqueue.enqueue_many(array['a','b'], array['{}']::jsonb[])"
+        )
     assert info.value.sqlstate == "PQ001"
 
 
@@ -257,7 +314,9 @@ def test_enqueue_many_rejects_arrays_of_different_lengths(conn: Conn) -> None:
         ("task", "x" * 201, "jobs_task_name"),
     ],
 )
-def test_check_constraints_guard_sql_callers(conn: Conn, column: str, value: str, constraint: str) -> None:
+def test_check_constraints_guard_sql_callers(
+    conn: Conn, column: str, value: str, constraint: str
+) -> None:
     args = {"task": "t", "queue": "default", column: value}
     with pytest.raises(psycopg.errors.CheckViolation) as info:
         conn.execute("select pgqueue.enqueue(%(task)s, '{}', %(queue)s)", args)
@@ -283,7 +342,10 @@ def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> N
 def test_views_report_depth_running_and_dead(conn: Conn) -> None:
     enqueue(conn)
     enqueue(conn)
-    one(conn, "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')")
+    one(
+        conn,
+        "select pgqueue.enqueue('t', '{}', 'default', 0, now() + interval '1 hour')",
+    )
     dead = enqueue(conn, max_attempts=1, priority=9)
     [(_, token, _)] = lease(conn)
     conn.execute("select pgqueue.fail(%s, %s, '{}', 0)", [dead, token])
