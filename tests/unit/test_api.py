@@ -1,0 +1,59 @@
+"""The public surface is deliberate: changing it must change this test."""
+
+from __future__ import annotations
+
+import pytest
+
+import pgqueue
+from pgqueue.errors import ConfigurationError
+
+REVIEWED_ALL = [
+    "App",
+    "ExponentialBackoff",
+    "Job",
+    "JobContext",
+    "JobState",
+    "PgqueueError",
+    "Retry",
+    "RetryPolicy",
+    "Task",
+    "Worker",
+    "__version__",
+]
+
+
+def test_public_names_are_the_reviewed_list() -> None:
+    assert pgqueue.__all__ == REVIEWED_ALL
+    assert sorted(pgqueue.__all__) == pgqueue.__all__
+
+
+def test_job_states_match_the_sql_enum() -> None:
+    assert [s.value for s in pgqueue.JobState] == [
+        "queued",
+        "running",
+        "succeeded",
+        "dead",
+        "cancelled",
+    ]
+
+
+def test_task_registration_checks_names_and_duplicates() -> None:
+    app = pgqueue.App("postgresql://unused")
+
+    @app.task
+    def one(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    assert app.tasks["one"] is one
+    assert one.is_async is False
+    with pytest.raises(ConfigurationError, match="already registered"):
+        app.task(name="one")(lambda ctx: None)
+    with pytest.raises(ConfigurationError, match="invalid task name"):
+        app.task(name="bad name")(lambda ctx: None)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        app.task(name="t", timeout=0)(lambda ctx: None)
+
+
+def test_bad_schema_name_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="invalid schema name"):
+        pgqueue.App(schema='x"; drop')
