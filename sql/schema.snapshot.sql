@@ -1,0 +1,803 @@
+-- pgqueue schema 'pgqueue', version 2
+create schema if not exists "pgqueue";
+create table if not exists "pgqueue".migrations (
+    version    integer primary key,
+    name       text not null,
+    applied_at timestamptz not null default now()
+);
+
+-- 0001_initial
+begin;
+-- pgqueue 0001: tables, indexes and inspection views.
+--
+-- "pgqueue" is replaced by the quoted schema name when the migration runs
+-- (pgqueue/migrations.py); 'pgqueue' by the quoted NOTIFY channel name.
+--
+-- Layout: live jobs (queued and running) sit in the hot table `jobs`, which stays
+-- small however long the history grows, so leasing and its index stay fast.
+-- Finished jobs (succeeded, dead, cancelled) move to `finished_jobs` in the same
+-- statement that finishes them, and are pruned from there by retention.
+
+create type "pgqueue".job_state as enum (
+    'queued', 'running', 'succeeded', 'dead', 'cancelled'
+);
+comment on type "pgqueue".job_state is
+    'Life cycle of a job: queued (waits while run_at > now()), running (leased), '
+    'and the final states succeeded, dead (attempts exhausted) and cancelled.';
+
+create sequence "pgqueue".jobs_id_seq as bigint;
+comment on sequence "pgqueue".jobs_id_seq is
+    'Job ids, shared by jobs and finished_jobs: a job keeps its id for life.';
+
+create table "pgqueue".jobs (
+    id               bigint primary key
+                     default nextval('"pgqueue".jobs_id_seq'),
+    queue            text not null default 'default',
+    task             text not null,
+    args             jsonb not null default '{}',
+    -- Higher runs first; FIFO by run_at, then id, within one priority.
+    priority         smallint not null default 0,
+    state            "pgqueue".job_state not null default 'queued',
+    run_at           timestamptz not null default now(),
+    attempts         integer not null default 0,
+    max_attempts     integer not null default 25,
+    idempotency_key  text,
+    -- The fencing token of the current lease: complete, fail, heartbeat and
+    -- hand_back touch the row only while it still holds the token they name.
+    lease_token      uuid,
+    leased_by        text,
+    leased_at        timestamptz,
+    lease_expires_at timestamptz,
+    created_at       timestamptz not null default now(),
+    -- One object per failed or lost attempt: attempt, at, error, traceback, worker.
+    errors           jsonb not null default '[]',
+    constraint jobs_queue_name check (queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$'),
+    constraint jobs_task_name check (task ~ '^[A-Za-z_][A-Za-z0-9_.:/-]{0,199}$'),
+    constraint jobs_attempts check (attempts >= 0 and max_attempts between 1 and 1000),
+    constraint jobs_idempotency_key check (length(idempotency_key) between 1 and 255),
+    constraint jobs_state_live check (state in ('queued', 'running')),
+    constraint jobs_lease check ((state = 'running') = (lease_token is not null))
+);
+alter sequence "pgqueue".jobs_id_seq owned by "pgqueue".jobs.id;
+
+comment on table "pgqueue".jobs is
+    'Live jobs (queued and running). Internal: read the views, change state '
+    'through the functions.';
+
+-- The lease order exactly: queue equality, then priority desc, run_at, id. Partial,
+-- so running rows never sit in it.
+create index jobs_fetch_idx on "pgqueue".jobs (queue, priority desc, run_at, id)
+    where state = 'queued';
+-- When the next scheduled job of a queue is due (the worker sleeps until then).
+create index jobs_run_at_idx on "pgqueue".jobs (queue, run_at)
+    where state = 'queued';
+-- Expired leases, found by reap.
+create index jobs_lease_expiry_idx on "pgqueue".jobs (lease_expires_at)
+    where state = 'running';
+
+-- Every row is inserted, updated once or twice, and deleted within seconds, so the
+-- table churns: vacuum it after a small fraction of it changed, and leave room
+-- in each page for the lease update to stay on the same page.
+alter table "pgqueue".jobs set (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.01,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0
+);
+
+create table "pgqueue".finished_jobs (
+    id              bigint primary key,
+    queue           text not null,
+    task            text not null,
+    args            jsonb not null,
+    priority        smallint not null,
+    state           "pgqueue".job_state not null,
+    attempts        integer not null,
+    max_attempts    integer not null,
+    idempotency_key text,
+    created_at      timestamptz not null,
+    started_at      timestamptz,
+    finished_at     timestamptz not null default now(),
+    result          jsonb,
+    errors          jsonb not null default '[]',
+    constraint finished_jobs_state check (state in ('succeeded', 'dead', 'cancelled'))
+);
+comment on table "pgqueue".finished_jobs is
+    'Jobs that reached a final state, kept until pruned by retention. Internal: '
+    'read the views.';
+create index finished_jobs_finished_at_idx on "pgqueue".finished_jobs (finished_at);
+create index finished_jobs_dead_idx on "pgqueue".finished_jobs (queue, finished_at)
+    where state = 'dead';
+
+create table "pgqueue".idempotency_keys (
+    queue      text not null,
+    key        text not null,
+    job_id     bigint not null,
+    created_at timestamptz not null default now(),
+    primary key (queue, key)
+);
+comment on table "pgqueue".idempotency_keys is
+    'One row per idempotency key and queue. A key lives as long as its job: '
+    'while queued or running, and after it finished until prune removes it.';
+create index idempotency_keys_job_idx on "pgqueue".idempotency_keys (job_id);
+
+create table "pgqueue".workers (
+    id         text primary key,
+    hostname   text not null,
+    pid        integer not null,
+    queues     text[] not null,
+    started_at timestamptz not null default now(),
+    last_seen  timestamptz not null default now()
+);
+comment on table "pgqueue".workers is
+    'Running worker processes and their last heartbeat.';
+
+create table "pgqueue".queues (
+    name   text primary key,
+    paused boolean not null default false
+);
+comment on table "pgqueue".queues is
+    'Per-queue settings (room for pausing and limits). A queue needs no row here.';
+
+-- Inspection views: the supported way to read the queue.
+
+create view "pgqueue".jobs_overview as
+select id, queue, task, args, priority, state, run_at, attempts, max_attempts,
+       idempotency_key, leased_by, leased_at as started_at, lease_expires_at,
+       created_at, null::timestamptz as finished_at, null::jsonb as result, errors
+  from "pgqueue".jobs
+union all
+select id, queue, task, args, priority, state, null, attempts, max_attempts,
+       idempotency_key, null, started_at, null,
+       created_at, finished_at, result, errors
+  from "pgqueue".finished_jobs;
+comment on view "pgqueue".jobs_overview is
+    'Every job, live or finished, with its state, attempts and error history.';
+
+create view "pgqueue".running_jobs as
+select id, queue, task, attempts, leased_by, leased_at as started_at,
+       lease_expires_at, now() - leased_at as running_for
+  from "pgqueue".jobs
+ where state = 'running';
+comment on view "pgqueue".running_jobs is
+    'Jobs being run now, the worker that holds each and when its lease expires.';
+
+create view "pgqueue".dead_jobs as
+select id, queue, task, args, attempts, finished_at,
+       errors -> -1 ->> 'error' as last_error, errors
+  from "pgqueue".finished_jobs
+ where state = 'dead';
+comment on view "pgqueue".dead_jobs is
+    'Jobs that exhausted their attempts, with the last error; retry them with '
+    'pgqueue.retry(id) or pgqueue.retry_dead(queue).';
+
+create view "pgqueue".queue_depth as
+with live as (
+    select queue,
+           count(*) filter (where state = 'queued' and run_at <= now()) as queued,
+           count(*) filter (where state = 'queued' and run_at > now()) as scheduled,
+           count(*) filter (where state = 'running') as running,
+           now() - min(run_at) filter (where state = 'queued' and run_at <= now())
+               as oldest_queued_age
+      from "pgqueue".jobs
+     group by queue
+), done as (
+    select queue,
+           count(*) filter (where state = 'succeeded') as succeeded,
+           count(*) filter (where state = 'dead') as dead,
+           count(*) filter (where state = 'cancelled') as cancelled
+      from "pgqueue".finished_jobs
+     group by queue
+)
+select coalesce(live.queue, done.queue) as queue,
+       coalesce(live.queued, 0) as queued,
+       coalesce(live.scheduled, 0) as scheduled,
+       coalesce(live.running, 0) as running,
+       coalesce(done.succeeded, 0) as succeeded,
+       coalesce(done.dead, 0) as dead,
+       coalesce(done.cancelled, 0) as cancelled,
+       live.oldest_queued_age
+  from live full join done on live.queue = done.queue;
+comment on view "pgqueue".queue_depth is
+    'Per queue: queued (due now), scheduled (run_at later), running, and the '
+    'finished counts still in history; oldest_queued_age is how long the oldest '
+    'due job has waited.';
+
+insert into "pgqueue".migrations (version, name) values (1, 'initial');
+commit;
+
+-- 0002_functions
+begin;
+-- pgqueue 0002: the stored functions that own every transition of a job.
+--
+-- Error codes (mapped to Python exceptions in pgqueue/errors.py):
+--   PQ001  invalid job (bad name, priority, attempts, key)   -> InvalidJob
+--   PQ002  job not found                                     -> JobNotFound
+--   PQ003  job is not in a state that allows the transition   -> InvalidState
+--
+-- Time always comes from now(): the database's clock, never a worker's.
+
+-- Wake listening workers once per statement and queue. NOTIFY is delivered at
+-- commit, so a rolled-back enqueue wakes nobody, and Postgres folds identical
+-- notifications of one transaction into one.
+create function "pgqueue"._notify_inserted() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('pgqueue', q.queue)
+       from (select distinct queue from new_jobs) q;
+    return null;
+end
+$$;
+comment on function "pgqueue"._notify_inserted() is
+    'Statement trigger: one NOTIFY per queue that received jobs.';
+
+create trigger jobs_notify_insert
+    after insert on "pgqueue".jobs
+    referencing new table as new_jobs
+    for each statement execute function "pgqueue"._notify_inserted();
+
+-- Default backoff for attempts the database fails on its own (expired leases):
+-- exponential, capped at an hour, with +-50% jitter so a burst of lost jobs does
+-- not come back in lockstep. Workers pass their task's own delay to fail().
+create function "pgqueue"._backoff(p_attempts integer) returns interval
+language sql volatile as $$
+    select make_interval(secs => least(3600.0, power(2, least(p_attempts, 20)))
+                                 * (0.5 + random()))
+$$;
+comment on function "pgqueue"._backoff(integer) is
+    'Retry delay after the given number of failed attempts (reap uses it).';
+
+-- enqueue_many: insert jobs from parallel arrays in one statement and return one id
+-- per input row, in input order. A row whose idempotency key already exists in its
+-- queue creates nothing and returns the existing job's id.
+--
+-- Keys: the key row is inserted first with ON CONFLICT DO NOTHING, which waits
+-- for a concurrent transaction holding the same key and then skips if that one
+-- committed; the job is inserted only where the key row was ours. The ids of
+-- skipped rows are read in a second statement, whose fresh snapshot sees the
+-- winner's commit.
+create function "pgqueue".enqueue_many(
+    p_tasks         text[],
+    p_args          jsonb[],
+    p_queues        text[] default null,
+    p_priorities    integer[] default null,
+    p_run_ats       timestamptz[] default null,
+    p_max_attempts  integer[] default null,
+    p_keys          text[] default null
+) returns table (ord bigint, id bigint, created boolean)
+language plpgsql as $$
+declare
+    n integer := coalesce(cardinality(p_tasks), 0);
+    v_ord bigint[];
+    v_id bigint[];
+    v_created boolean[];
+    v_queue text[];
+    v_key text[];
+begin
+    if coalesce(cardinality(p_args), 0) <> n
+       or (p_queues is not null and cardinality(p_queues) <> n)
+       or (p_priorities is not null and cardinality(p_priorities) <> n)
+       or (p_run_ats is not null and cardinality(p_run_ats) <> n)
+       or (p_max_attempts is not null and cardinality(p_max_attempts) <> n)
+       or (p_keys is not null and cardinality(p_keys) <> n) then
+        raise exception 'enqueue_many: every array must have % elements', n
+              using errcode = 'PQ001';
+    end if;
+    if exists (select from unnest(p_priorities) p where p not between -32768 and 32767)
+    then
+        raise exception 'priority must be between -32768 and 32767'
+              using errcode = 'PQ001';
+    end if;
+    if exists (select from unnest(p_keys) k where length(k) > 255) then
+        raise exception 'idempotency key longer than 255 characters'
+              using errcode = 'PQ001';
+    end if;
+
+    with input as materialized (
+        select t.ord, nextval('"pgqueue".jobs_id_seq') as id, t.task,
+               coalesce(t.args, '{}') as args, coalesce(t.queue, 'default') as queue,
+               coalesce(t.priority, 0) as priority, coalesce(t.run_at, now()) as run_at,
+               coalesce(t.max_attempts, 25) as max_attempts, t.key
+          from unnest(p_tasks, p_args, p_queues, p_priorities, p_run_ats,
+                      p_max_attempts, p_keys)
+               with ordinality as t(task, args, queue, priority, run_at,
+                                    max_attempts, key, ord)
+    ), won as (
+        insert into "pgqueue".idempotency_keys as k (queue, key, job_id)
+        select i.queue, i.key, i.id from input i
+         where i.key is not null order by i.ord
+        on conflict do nothing
+        returning k.job_id
+    ), inserted as (
+        insert into "pgqueue".jobs
+               (id, queue, task, args, priority, run_at, max_attempts,
+                idempotency_key)
+        select i.id, i.queue, i.task, i.args, i.priority, i.run_at, i.max_attempts,
+               i.key
+          from input i
+         where i.key is null or i.id in (select won.job_id from won)
+         order by i.ord
+        returning jobs.id
+    )
+    select array_agg(i.ord order by i.ord), array_agg(i.id order by i.ord),
+           array_agg(i.id in (select inserted.id from inserted) order by i.ord),
+           array_agg(i.queue order by i.ord), array_agg(i.key order by i.ord)
+      into v_ord, v_id, v_created, v_queue, v_key
+      from input i;
+
+    -- Rows that lost their key take the existing job's id. A second statement on
+    -- purpose: its snapshot sees a key committed while the insert above waited.
+    return query
+    select t.ord, case when t.created then t.id else k.job_id end, t.created
+      from unnest(v_ord, v_id, v_created, v_queue, v_key)
+           as t(ord, id, created, queue, key)
+      left join "pgqueue".idempotency_keys k
+        on not t.created and k.queue = t.queue and k.key = t.key
+     order by t.ord;
+end
+$$;
+comment on function "pgqueue".enqueue_many(
+    text[], jsonb[], text[], integer[], timestamptz[], integer[], text[]) is
+    'Enqueue many jobs in one call (parallel arrays; null arrays take defaults). '
+    'Returns (ord, id, created) per input row; created is false where an '
+    'idempotency key matched an existing job, whose id is returned.';
+
+-- enqueue: one job. The fast path (no key) is a single INSERT; a key goes through
+-- the same claim-then-insert dance as enqueue_many.
+create function "pgqueue".enqueue(
+    p_task            text,
+    p_args            jsonb default '{}',
+    p_queue           text default 'default',
+    p_priority        integer default 0,
+    p_run_at          timestamptz default null,
+    p_max_attempts    integer default 25,
+    p_idempotency_key text default null
+) returns bigint
+language plpgsql as $$
+declare
+    v_id bigint;
+begin
+    if p_priority not between -32768 and 32767 then
+        raise exception 'priority must be between -32768 and 32767, got %', p_priority
+              using errcode = 'PQ001';
+    end if;
+    if p_idempotency_key is null then
+        insert into "pgqueue".jobs (queue, task, args, priority, run_at, max_attempts)
+        values (p_queue, p_task, coalesce(p_args, '{}'), p_priority,
+                coalesce(p_run_at, now()), p_max_attempts)
+        returning id into v_id;
+        return v_id;
+    end if;
+    if length(p_idempotency_key) > 255 then
+        raise exception 'idempotency key longer than 255 characters'
+              using errcode = 'PQ001';
+    end if;
+    loop
+        v_id := nextval('"pgqueue".jobs_id_seq');
+        insert into "pgqueue".idempotency_keys (queue, key, job_id)
+        values (p_queue, p_idempotency_key, v_id)
+        on conflict do nothing;
+        if found then
+            insert into "pgqueue".jobs
+                   (id, queue, task, args, priority, run_at, max_attempts,
+                    idempotency_key)
+            values (v_id, p_queue, p_task, coalesce(p_args, '{}'), p_priority,
+                    coalesce(p_run_at, now()), p_max_attempts, p_idempotency_key);
+            return v_id;
+        end if;
+        select k.job_id into v_id from "pgqueue".idempotency_keys k
+         where k.queue = p_queue and k.key = p_idempotency_key;
+        if found then
+            return v_id;
+        end if;
+        -- The key was pruned between the two statements: claim it again.
+    end loop;
+end
+$$;
+comment on function "pgqueue".enqueue(
+    text, jsonb, text, integer, timestamptz, integer, text) is
+    'Enqueue one job in the caller''s transaction and return its id. With an '
+    'idempotency key that already exists in the queue, return that job''s id and '
+    'create nothing.';
+
+-- lease: take up to p_limit due jobs of the given queues, highest priority first,
+-- FIFO within a priority, each with a fresh lease token.
+--
+-- Per queue, a LATERAL scan walks jobs_fetch_idx in its exact order and locks with
+-- SKIP LOCKED, so concurrent workers split the jobs instead of waiting on each
+-- other. The MATERIALIZED fence makes the planner lock first and update after;
+-- without it an UPDATE ... WHERE id IN (subquery with LIMIT) may update more rows
+-- than the limit (the planner trap Oban documents). With several queues a scan
+-- can lock up to p_limit rows per queue; the ones not taken are unlocked at the
+-- end of this statement's transaction, a moment later.
+create function "pgqueue".lease(
+    p_queues        text[],
+    p_limit         integer,
+    p_worker        text,
+    p_lease_seconds double precision default 60
+) returns table (
+    id bigint, queue text, task text, args jsonb, priority smallint,
+    attempts integer, max_attempts integer, lease_token uuid,
+    run_at timestamptz, created_at timestamptz, lease_expires_at timestamptz
+)
+language sql as $$
+    with candidates as materialized (
+        select c.id, c.priority, c.run_at
+          from unnest(p_queues) as q(name)
+         cross join lateral (
+               select j.id, j.priority, j.run_at
+                 from "pgqueue".jobs j
+                where j.queue = q.name and j.state = 'queued' and j.run_at <= now()
+                order by j.priority desc, j.run_at, j.id
+                limit p_limit
+                  for update skip locked
+         ) c
+         order by c.priority desc, c.run_at, c.id
+         limit p_limit
+    )
+    update "pgqueue".jobs j
+       set state = 'running',
+           lease_token = gen_random_uuid(),
+           leased_by = p_worker,
+           leased_at = now(),
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+      from candidates c
+     where j.id = c.id
+    returning j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
+              j.lease_token, j.run_at, j.created_at, j.lease_expires_at
+$$;
+comment on function "pgqueue".lease(text[], integer, text, double precision) is
+    'Lease up to p_limit due jobs of the queues (priority desc, run_at, id) with '
+    'FOR UPDATE SKIP LOCKED; each gets a fresh lease token and expiry.';
+
+-- complete: the handlers of these jobs returned. Fenced: a row changes only while
+-- it is still running under the token named here. Returns the ids completed; an
+-- id missing from the result lost its lease (Python raises LeaseLost), and in a
+-- transactional task the caller then rolls back the handler's writes.
+create function "pgqueue".complete(
+    p_ids     bigint[],
+    p_tokens  uuid[],
+    p_results jsonb[] default null
+) returns setof bigint
+language sql as $$
+    with done as (
+        delete from "pgqueue".jobs j
+         using unnest(p_ids, p_tokens) as t(id, token)
+         where j.id = t.id and j.lease_token = t.token and j.state = 'running'
+        returning j.*
+    )
+    insert into "pgqueue".finished_jobs
+           (id, queue, task, args, priority, state, attempts, max_attempts,
+            idempotency_key, created_at, started_at, result, errors)
+    select d.id, d.queue, d.task, d.args, d.priority, 'succeeded', d.attempts,
+           d.max_attempts, d.idempotency_key, d.created_at, d.leased_at, r.result,
+           d.errors
+      from done d
+      left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
+    returning id
+$$;
+comment on function "pgqueue".complete(bigint[], uuid[], jsonb[]) is
+    'Mark running jobs succeeded (fenced by lease token) and move them to '
+    'finished_jobs. Returns the ids it completed.';
+
+-- fail: one attempt failed (handler raised, timed out, or an unknown task). With
+-- attempts left the job is queued again at now() + p_retry_delay; otherwise it is
+-- dead and moves to finished_jobs. p_error is appended to the error history.
+-- Fenced like complete. Returns the new state, or null if the lease was lost.
+create function "pgqueue".fail(
+    p_id          bigint,
+    p_token       uuid,
+    p_error       jsonb,
+    p_retry_delay double precision default null
+) returns "pgqueue".job_state
+language plpgsql as $$
+declare
+    v_job "pgqueue".jobs;
+begin
+    select * into v_job from "pgqueue".jobs j
+     where j.id = p_id and j.lease_token = p_token and j.state = 'running'
+       for update;
+    if not found then
+        return null;
+    end if;
+    return "pgqueue"._fail_locked(v_job, p_error, p_retry_delay);
+end
+$$;
+comment on function "pgqueue".fail(bigint, uuid, jsonb, double precision) is
+    'Record a failed attempt (fenced by lease token): queued again after the delay '
+    'while attempts remain, else dead. Returns the new state, null if the lease '
+    'was lost.';
+
+-- _fail_locked: the shared end of fail and reap, for a row the caller has locked.
+create function "pgqueue"._fail_locked(
+    p_job         "pgqueue".jobs,
+    p_error       jsonb,
+    p_retry_delay double precision
+) returns "pgqueue".job_state
+language plpgsql as $$
+declare
+    v_attempts integer := p_job.attempts + 1;
+    v_error jsonb := jsonb_build_object('attempt', v_attempts, 'at', now(),
+                                        'worker', p_job.leased_by) || p_error;
+begin
+    if v_attempts < p_job.max_attempts then
+        update "pgqueue".jobs
+           set state = 'queued', attempts = v_attempts,
+               run_at = now() + coalesce(make_interval(secs => p_retry_delay),
+                                         "pgqueue"._backoff(v_attempts)),
+               lease_token = null, leased_by = null, leased_at = null,
+               lease_expires_at = null, errors = errors || jsonb_build_array(v_error)
+         where id = p_job.id;
+        return 'queued';
+    end if;
+    delete from "pgqueue".jobs where id = p_job.id;
+    insert into "pgqueue".finished_jobs
+           (id, queue, task, args, priority, state, attempts, max_attempts,
+            idempotency_key, created_at, started_at, errors)
+    values (p_job.id, p_job.queue, p_job.task, p_job.args, p_job.priority, 'dead',
+            v_attempts, p_job.max_attempts, p_job.idempotency_key, p_job.created_at,
+            p_job.leased_at, p_job.errors || jsonb_build_array(v_error));
+    return 'dead';
+end
+$$;
+comment on function "pgqueue"._fail_locked(
+    "pgqueue".jobs, jsonb, double precision) is
+    'Internal: count a failed attempt of a locked running job; retry or dead.';
+
+-- heartbeat: the worker is alive. Extends the leases it still holds (one statement
+-- for all in-flight jobs) and its row in workers. Returns the ids whose lease it
+-- still holds; a missing id was reaped or handed over, and its attempt is lost.
+create function "pgqueue".heartbeat(
+    p_worker        text,
+    p_ids           bigint[],
+    p_tokens        uuid[],
+    p_lease_seconds double precision default 60
+) returns setof bigint
+language sql as $$
+    update "pgqueue".workers set last_seen = now() where id = p_worker;
+    update "pgqueue".jobs j
+       set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+      from unnest(p_ids, p_tokens) as t(id, token)
+     where j.id = t.id and j.lease_token = t.token and j.state = 'running'
+    returning j.id
+$$;
+comment on function "pgqueue".heartbeat(
+    text, bigint[], uuid[], double precision) is
+    'Extend the leases of running jobs (fenced by token) and record the worker as '
+    'alive. Returns the ids still held.';
+
+-- reap: running jobs whose lease expired (their worker crashed, froze or lost its
+-- connection) count a failed attempt and go back to queued, or die when out of
+-- attempts. SKIP LOCKED lets every worker reap without queueing behind another.
+create function "pgqueue".reap(p_limit integer default 1000)
+returns table (id bigint, state "pgqueue".job_state)
+language plpgsql as $$
+declare
+    v_job "pgqueue".jobs;
+begin
+    for v_job in
+        select * from "pgqueue".jobs j
+         where j.state = 'running' and j.lease_expires_at < now()
+         order by j.lease_expires_at
+         limit p_limit
+           for update skip locked
+    loop
+        id := v_job.id;
+        state := "pgqueue"._fail_locked(
+            v_job,
+            jsonb_build_object('error', 'lease expired: worker '
+                               || coalesce(v_job.leased_by, '?')
+                               || ' stopped heartbeating', 'kind', 'lease_expired'),
+            null);
+        return next;
+    end loop;
+    if found then
+        perform pg_notify('pgqueue', q.queue)
+           from (select distinct j.queue from "pgqueue".jobs j
+                  where j.state = 'queued' and j.run_at <= now()) q;
+    end if;
+    delete from "pgqueue".workers w
+     where w.last_seen < now() - interval '1 hour';
+end
+$$;
+comment on function "pgqueue".reap(integer) is
+    'Fail running jobs whose lease expired (counting an attempt) and forget '
+    'workers silent for an hour. Returns the jobs it changed and their new state.';
+
+-- hand_back: a worker that stops gracefully returns jobs it did not finish. They
+-- are queued again at once and the attempt is not counted.
+create function "pgqueue".hand_back(p_ids bigint[], p_tokens uuid[])
+returns setof bigint
+language plpgsql as $$
+declare
+    v_queues text[];
+begin
+    with back as (
+        update "pgqueue".jobs j
+           set state = 'queued', run_at = least(j.run_at, now()), lease_token = null,
+               leased_by = null, leased_at = null, lease_expires_at = null
+          from unnest(p_ids, p_tokens) as t(id, token)
+         where j.id = t.id and j.lease_token = t.token and j.state = 'running'
+        returning j.id, j.queue
+    )
+    select array_agg(back.id), array_agg(distinct back.queue)
+      into p_ids, v_queues from back;
+    perform pg_notify('pgqueue', q) from unnest(v_queues) q;
+    return query select unnest(p_ids);
+end
+$$;
+comment on function "pgqueue".hand_back(bigint[], uuid[]) is
+    'Return running jobs to queued without counting an attempt (graceful '
+    'shutdown). Fenced by token. Returns the ids handed back.';
+
+-- cancel: a queued (or scheduled) job will not run. A running job cannot be
+-- cancelled here: it finishes or fails on its own.
+create function "pgqueue".cancel(p_id bigint)
+returns "pgqueue".job_state
+language plpgsql as $$
+declare
+    v_job "pgqueue".jobs;
+    v_state "pgqueue".job_state;
+begin
+    select * into v_job from "pgqueue".jobs j where j.id = p_id for update;
+    if not found then
+        select f.state into v_state from "pgqueue".finished_jobs f
+         where f.id = p_id;
+        if not found then
+            raise exception 'job % not found', p_id using errcode = 'PQ002';
+        end if;
+        raise exception 'job % is %, only a queued job can be cancelled', p_id, v_state
+              using errcode = 'PQ003';
+    end if;
+    if v_job.state <> 'queued' then
+        raise exception 'job % is running, only a queued job can be cancelled', p_id
+              using errcode = 'PQ003';
+    end if;
+    delete from "pgqueue".jobs where id = p_id;
+    insert into "pgqueue".finished_jobs
+           (id, queue, task, args, priority, state, attempts, max_attempts,
+            idempotency_key, created_at, errors)
+    values (v_job.id, v_job.queue, v_job.task, v_job.args, v_job.priority,
+            'cancelled', v_job.attempts, v_job.max_attempts, v_job.idempotency_key,
+            v_job.created_at, v_job.errors);
+    return 'cancelled';
+end
+$$;
+comment on function "pgqueue".cancel(bigint) is
+    'Cancel a queued job: it moves to finished_jobs as cancelled.';
+
+-- retry: a dead (or cancelled) job is queued again now, with its attempts reset and
+-- its error history kept.
+create function "pgqueue".retry(p_id bigint)
+returns "pgqueue".job_state
+language plpgsql as $$
+declare
+    v_job "pgqueue".finished_jobs;
+begin
+    select * into v_job from "pgqueue".finished_jobs f where f.id = p_id
+       for update;
+    if not found then
+        if exists (select from "pgqueue".jobs j where j.id = p_id) then
+            raise exception 'job % is still queued or running', p_id
+                  using errcode = 'PQ003';
+        end if;
+        raise exception 'job % not found', p_id using errcode = 'PQ002';
+    end if;
+    if v_job.state = 'succeeded' then
+        raise exception 'job % succeeded; only dead or cancelled jobs can be retried',
+              p_id using errcode = 'PQ003';
+    end if;
+    delete from "pgqueue".finished_jobs where id = p_id;
+    insert into "pgqueue".jobs
+           (id, queue, task, args, priority, run_at, attempts, max_attempts,
+            idempotency_key, created_at, errors)
+    values (v_job.id, v_job.queue, v_job.task, v_job.args, v_job.priority, now(), 0,
+            v_job.max_attempts, v_job.idempotency_key, v_job.created_at,
+            v_job.errors);
+    return 'queued';
+end
+$$;
+comment on function "pgqueue".retry(bigint) is
+    'Queue a dead or cancelled job again now, attempts reset, errors kept.';
+
+create function "pgqueue".retry_dead(p_queue text)
+returns integer
+language plpgsql as $$
+declare
+    v_count integer;
+begin
+    with moved as (
+        delete from "pgqueue".finished_jobs f
+         where f.queue = p_queue and f.state = 'dead'
+        returning f.*
+    )
+    insert into "pgqueue".jobs
+           (id, queue, task, args, priority, run_at, attempts, max_attempts,
+            idempotency_key, created_at, errors)
+    select m.id, m.queue, m.task, m.args, m.priority, now(), 0, m.max_attempts,
+           m.idempotency_key, m.created_at, m.errors
+      from moved m;
+    get diagnostics v_count = row_count;
+    return v_count;
+end
+$$;
+comment on function "pgqueue".retry_dead(text) is
+    'Queue every dead job of a queue again; returns how many.';
+
+-- next_run_at: when the earliest queued job of these queues is due (null if none).
+-- Workers sleep until then instead of polling.
+create function "pgqueue".next_run_at(p_queues text[])
+returns timestamptz
+language sql stable as $$
+    select min(n.run_at)
+      from unnest(p_queues) as q(name)
+     cross join lateral (
+           select j.run_at from "pgqueue".jobs j
+            where j.queue = q.name and j.state = 'queued'
+            order by j.run_at limit 1
+     ) n
+$$;
+comment on function "pgqueue".next_run_at(text[]) is
+    'The earliest run_at among queued jobs of the queues, or null.';
+
+-- register_worker / unregister_worker: the workers table, for inspection.
+create function "pgqueue".register_worker(
+    p_worker text, p_hostname text, p_pid integer, p_queues text[])
+returns void
+language sql as $$
+    insert into "pgqueue".workers (id, hostname, pid, queues)
+    values (p_worker, p_hostname, p_pid, p_queues)
+    on conflict (id) do update set last_seen = now()
+$$;
+comment on function "pgqueue".register_worker(text, text, integer, text[]) is
+    'Record a worker process as alive.';
+
+create function "pgqueue".unregister_worker(p_worker text)
+returns void
+language sql as $$
+    delete from "pgqueue".workers where id = p_worker
+$$;
+comment on function "pgqueue".unregister_worker(text) is
+    'Forget a worker that stopped.';
+
+-- prune: delete finished jobs (and their idempotency keys) that finished before
+-- now() - p_older_than, at most p_limit per call so a large history is pruned in
+-- short transactions. Returns how many jobs it deleted.
+create function "pgqueue".prune(
+    p_older_than interval default interval '7 days',
+    p_limit      integer default 10000,
+    p_states     "pgqueue".job_state[] default '{succeeded,cancelled,dead}'
+) returns integer
+language plpgsql as $$
+declare
+    v_count integer;
+begin
+    with gone as (
+        delete from "pgqueue".finished_jobs f
+         where f.id in (select g.id from "pgqueue".finished_jobs g
+                         where g.finished_at < now() - p_older_than
+                           and g.state = any(p_states)
+                         order by g.finished_at
+                         limit p_limit
+                           for update skip locked)
+        returning f.id, f.queue, f.idempotency_key
+    ), keys as (
+        delete from "pgqueue".idempotency_keys k
+         using gone
+         where gone.idempotency_key is not null
+           and k.queue = gone.queue and k.key = gone.idempotency_key
+           and k.job_id = gone.id
+    )
+    select count(*) into v_count from gone;
+    return v_count;
+end
+$$;
+comment on function "pgqueue".prune(interval, integer, "pgqueue".job_state[]) is
+    'Delete up to p_limit finished jobs older than p_older_than, with their '
+    'idempotency keys. Returns how many were deleted.';
+
+insert into "pgqueue".migrations (version, name) values (2, 'functions');
+commit;
+

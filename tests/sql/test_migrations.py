@@ -1,0 +1,72 @@
+"""Migrations: idempotent, locked, printable, and the snapshot is current."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgqueue import migrations
+from pgqueue.errors import SchemaOutOfDate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_migrating_twice_is_a_no_op(conn: psycopg.Connection[Any]) -> None:
+    assert migrations.migrate(conn) == []
+    assert migrations.current_version(conn) == migrations.latest_version()
+
+
+def test_snapshot_matches_a_fresh_migration() -> None:
+    snapshot = (ROOT / "sql" / "schema.snapshot.sql").read_text()
+    assert snapshot.strip() == migrations.script().strip(), "run `make schema`"
+
+
+@pytest.fixture
+def other_schema(conn: psycopg.Connection[Any]) -> Iterator[str]:
+    yield "tenant_b"
+    conn.execute(
+        sql.SQL("drop schema if exists {} cascade").format(sql.Identifier("tenant_b"))
+    )
+
+
+def test_concurrent_migrations_apply_each_file_once(
+    dsn: str, other_schema: str
+) -> None:
+    applied: list[int] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            done = migrations.migrate(c, other_schema)
+        with lock:
+            applied.extend(m.version for m in done)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(applied) == list(range(1, migrations.latest_version() + 1))
+
+
+def test_printed_script_builds_a_working_schema(
+    conn: psycopg.Connection[Any], other_schema: str
+) -> None:
+    conn.execute(migrations.script(other_schema).encode())
+    assert migrations.current_version(conn, other_schema) == migrations.latest_version()
+    job = conn.execute("select tenant_b.enqueue('t')").fetchone()
+    assert job == (1,)
+    assert migrations.migrate(conn, other_schema) == []
+
+
+def test_out_of_date_schema_is_reported(
+    conn: psycopg.Connection[Any], other_schema: str
+) -> None:
+    with pytest.raises(SchemaOutOfDate, match="pgqueue migrate"):
+        migrations.check_up_to_date(conn, other_schema)
