@@ -146,6 +146,7 @@ class Worker:
         self._next_due_at: float | None = None
         self._wake: asyncio.Event | None = None
         self._flush: asyncio.Event | None = None
+        self._flush_lock = asyncio.Lock()
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -571,6 +572,12 @@ class Worker:
             await self._flush_now()
 
     async def _flush_now(self) -> None:
+        # One writer at a time: shutdown's final flush waits for a write in
+        # progress instead of cancelling it (its jobs would stay leased).
+        async with self._flush_lock:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
         backoff = 0.05
         while self._done:
             batch, self._done = self._done, []
