@@ -441,15 +441,19 @@ language sql as $$
          order by c.priority desc, c.run_at, c.id
          limit p_limit
     )
-    update "pgqueue".jobs j
-       set state = 'running',
-           lease_token = gen_random_uuid(),
-           leased_by = p_worker,
-           leased_at = now(),
-           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-     where j.id = any(array(select c.id from candidates c))
-    returning j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
-              j.lease_token, j.run_at, j.created_at, j.lease_expires_at
+    , leased as (
+        update "pgqueue".jobs j
+           set state = 'running',
+               lease_token = gen_random_uuid(),
+               leased_by = p_worker,
+               leased_at = now(),
+               lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+         where j.id = any(array(select c.id from candidates c))
+        returning j.id, j.queue, j.task, j.args, j.priority, j.attempts,
+                  j.max_attempts, j.lease_token, j.run_at, j.created_at,
+                  j.lease_expires_at
+    )
+    select * from leased l order by l.priority desc, l.run_at, l.id
 $$;
 comment on function "pgqueue".lease(text[], integer, text, double precision) is
     'Lease up to p_limit due jobs of the queues (priority desc, run_at, id) with '
