@@ -114,6 +114,9 @@ def worker(
         list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeat).")
     ] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 10,
+    prefetch: Annotated[
+        int, typer.Option(min=0, help="Jobs leased ahead of free slots (short jobs).")
+    ] = 0,
     lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
     grace: Annotated[
@@ -153,6 +156,7 @@ def worker(
             app,
             queues=queue or ["default"],
             concurrency=concurrency,
+            prefetch=prefetch,
             lease_seconds=lease,
             poll_interval=poll_interval,
             shutdown_grace=grace,

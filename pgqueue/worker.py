@@ -24,6 +24,7 @@ import socket
 import time
 import traceback
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,6 +49,7 @@ from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task
 
 _DEFAULT_RETRY = ExponentialBackoff()
+_FLUSH_MAX = 2000  # completions per statement
 
 
 @dataclass(eq=False, slots=True)
@@ -80,6 +82,9 @@ class Worker:
         app: the tasks and connection settings.
         queues: the queues to serve.
         concurrency: jobs run at once (event-loop tasks and threads).
+        prefetch: jobs leased ahead of free slots, started the moment a slot
+            frees. Raises the throughput of short jobs; keep it 0 for long ones,
+            so that jobs wait in the queue where an idle worker can take them.
         lease_seconds: lease length; heartbeats renew it every third of it. A
             crashed worker's jobs run again this long after its last heartbeat.
         poll_interval: the longest wait between two looks at the queue when no
@@ -97,6 +102,7 @@ class Worker:
         *,
         queues: list[str] | tuple[str, ...] = ("default",),
         concurrency: int = 10,
+        prefetch: int = 0,
         lease_seconds: float = 30.0,
         poll_interval: float = 1.0,
         shutdown_grace: float = 30.0,
@@ -108,8 +114,8 @@ class Worker:
         worker_id: str | None = None,
         handle_signals: bool = True,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        if concurrency < 1 or prefetch < 0:
+            raise ConfigurationError("concurrency must be >= 1 and prefetch >= 0")
         if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
         if not queues:
@@ -119,6 +125,7 @@ class Worker:
         self.app = app
         self.queues = [check_queue(q) for q in dict.fromkeys(queues)]
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
@@ -135,10 +142,11 @@ class Worker:
         self._stmts = _sql.statements(app.schema)
         self._log = get_logger(worker_id=self.worker_id)
         self._running: dict[int, _Attempt] = {}
+        self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[_Attempt, str | None]] = []
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
-        self._batch_min = max(1, min(concurrency // 4, 100))
+        self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
         self._signatures: dict[str, inspect.Signature] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -253,7 +261,9 @@ class Worker:
         backoff = 0.05
         while not self._stopping:
             self._wake.clear()
-            free = self.concurrency - len(self._running)
+            free = (
+                self.concurrency + self.prefetch - len(self._running) - len(self._ready)
+            )
             now = self._loop.time()
             if self._next_due_at is not None and now >= self._next_due_at:
                 self._next_due_at = None
@@ -261,7 +271,7 @@ class Worker:
             if (
                 self._due
                 and free > 0
-                and (free >= self._batch_min or not self._running)
+                and (free >= self._batch_min or not (self._running or self._ready))
             ):
                 try:
                     jobs = await self._lease(free)
@@ -271,11 +281,13 @@ class Worker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                for job in jobs:
-                    self._start(job)
+                self._ready.extend(jobs)
+                self._dispatch()
                 if len(jobs) < free:
                     self._due = False
-                    if self.until_empty and not self._running and not self._done:
+                    if self.until_empty and not (
+                        self._running or self._ready or self._done
+                    ):
                         return
                     await self._plan_next_due()
                 continue
@@ -324,8 +336,14 @@ class Worker:
         attempt.future = asyncio.create_task(self._run(attempt))
         attempt.future.add_done_callback(lambda _: self._finished(attempt))
 
+    def _dispatch(self) -> None:
+        while self._ready and len(self._running) < self.concurrency:
+            self._start(self._ready.popleft())
+
     def _finished(self, attempt: _Attempt) -> None:
         self._running.pop(attempt.job.id, None)
+        if not self._stopping:
+            self._dispatch()
         self._wake_up()
 
     def _context(self, job: Job, conn: Any) -> JobContext:
@@ -580,7 +598,9 @@ class Worker:
     async def _flush_pending(self) -> None:
         backoff = 0.05
         while self._done:
-            batch, self._done = self._done, []
+            # Bounded statements: a backlog of completions (after a database blip)
+            # is written in slices rather than one giant array.
+            batch, self._done = self._done[:_FLUSH_MAX], self._done[_FLUSH_MAX:]
             ids = [a.job.id for a, _ in batch]
             tokens = [a.job.lease_token for a, _ in batch]
             payloads = [p for _, p in batch]
@@ -603,15 +623,17 @@ class Worker:
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            held = [a for a in self._running.values() if not a.timed_out]
-            held += [a for a, _ in self._done]
+            running = [a for a in self._running.values() if not a.timed_out]
+            held = [a.job for a in running]
+            held += [a.job for a, _ in self._done]
+            held += self._ready
             try:
                 rows = await self._fetch(
                     self._stmts.heartbeat,
                     [
                         self.worker_id,
-                        [a.job.id for a in held],
-                        [a.job.lease_token for a in held],
+                        [job.id for job in held],
+                        [job.lease_token for job in held],
                         self.lease_seconds,
                     ],
                 )
@@ -619,7 +641,7 @@ class Worker:
                 self._log.warning("heartbeat_failed", error=repr(exc))
                 continue
             alive = {row[0] for row in rows}
-            for attempt in held:
+            for attempt in running:
                 if attempt.job.id not in alive and not attempt.lease_lost:
                     attempt.lease_lost = True
                     self._log.warning("job_lease_expired", job_id=attempt.job.id)
@@ -653,13 +675,16 @@ class Worker:
             )
             await asyncio.wait(pending, timeout=self.shutdown_grace)
         left = list(self._running.values())
-        if left:
+        unstarted = list(self._ready)
+        self._ready.clear()
+        if left or unstarted:
             for attempt in left:
                 attempt.abandoned = True
+            back = [a.job for a in left] + unstarted
             try:
                 rows = await self._fetch(
                     self._stmts.hand_back,
-                    [[a.job.id for a in left], [a.job.lease_token for a in left]],
+                    [[job.id for job in back], [job.lease_token for job in back]],
                 )
                 self._log.info("jobs_handed_back", job_ids=[r[0] for r in rows])
             except Exception as exc:

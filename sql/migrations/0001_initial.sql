@@ -41,8 +41,13 @@ create table :pgqueue_schema.jobs (
     created_at       timestamptz not null default now(),
     -- One object per failed or lost attempt: attempt, at, error, traceback, worker.
     errors           jsonb not null default '[]',
-    constraint jobs_queue_name check (queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$'),
-    constraint jobs_task_name check (task ~ '^[A-Za-z_][A-Za-z0-9_.:/-]{0,199}$'),
+    -- Every UPDATE re-checks these, so they are written to be cheap: a bounded
+    -- repetition such as {0,127} made each lease cost 7 us more per row (1000-row
+    -- lease: 16 ms with it, 9.5 ms with a plain * and length()).
+    constraint jobs_queue_name check (
+        queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' and length(queue) <= 128),
+    constraint jobs_task_name check (
+        task ~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' and length(task) <= 200),
     constraint jobs_attempts check (attempts >= 0 and max_attempts between 1 and 1000),
     constraint jobs_idempotency_key check (length(idempotency_key) between 1 and 255),
     constraint jobs_state_live check (state in ('queued', 'running')),

@@ -230,9 +230,13 @@ language sql as $$
          limit p_limit
     )
     , leased as (
+        -- One token per lease call, not per row: gen_random_uuid() costs ~5 us a
+        -- call. Fencing stays per job, because every function that checks a
+        -- token matches the (id, token) pair, and a job gets a new token with
+        -- every lease.
         update :pgqueue_schema.jobs j
            set state = 'running',
-               lease_token = gen_random_uuid(),
+               lease_token = (select gen_random_uuid()),
                leased_by = p_worker,
                leased_at = now(),
                lease_expires_at = now() + make_interval(secs => p_lease_seconds)
@@ -256,13 +260,18 @@ create function :pgqueue_schema.complete(
     p_tokens  uuid[],
     p_results jsonb[] default null
 ) returns setof bigint
-language sql as $$
-    -- Tokens are unique per lease, so "token in our list" is "our token for this
-    -- job"; id = any() walks the primary key (a join on unnest() was planned as a
-    -- sequential scan).
+language sql
+-- The planner guesses 10 rows for unnest() of a parameter and then loops over it
+-- once per job: 47.7 s to complete 20,000 jobs. Hash joins make it 12 ms per 2,000.
+set enable_nestloop = off
+as $$
+    -- Each (id, token) pair is matched exactly. The extra id = any() lets the
+    -- planner walk the primary key; a join on unnest() alone was planned as a
+    -- sequential scan of the table.
     with done as (
         delete from :pgqueue_schema.jobs j
-         where j.id = any(p_ids) and j.lease_token = any(p_tokens)
+         using unnest(p_ids, p_tokens) as t(id, token)
+         where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
            and j.state = 'running'
         returning j.*
     )
@@ -353,11 +362,15 @@ create function :pgqueue_schema.heartbeat(
     p_tokens        uuid[],
     p_lease_seconds double precision default 60
 ) returns setof bigint
-language sql as $$
+language sql
+set enable_nestloop = off  -- see complete()
+as $$
     update :pgqueue_schema.workers set last_seen = now() where id = p_worker;
     update :pgqueue_schema.jobs j
        set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-     where j.id = any(p_ids) and j.lease_token = any(p_tokens) and j.state = 'running'
+      from unnest(p_ids, p_tokens) as t(id, token)
+     where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
+       and j.state = 'running'
     returning j.id
 $$;
 comment on function :pgqueue_schema.heartbeat(
@@ -407,7 +420,9 @@ comment on function :pgqueue_schema.reap(integer) is
 -- are queued again at once and the attempt is not counted.
 create function :pgqueue_schema.hand_back(p_ids bigint[], p_tokens uuid[])
 returns setof bigint
-language plpgsql as $$
+language plpgsql
+set enable_nestloop = off  -- see complete()
+as $$
 declare
     v_queues text[];
 begin
@@ -415,7 +430,8 @@ begin
         update :pgqueue_schema.jobs j
            set state = 'queued', run_at = least(j.run_at, now()), lease_token = null,
                leased_by = null, leased_at = null, lease_expires_at = null
-         where j.id = any(p_ids) and j.lease_token = any(p_tokens)
+          from unnest(p_ids, p_tokens) as t(id, token)
+         where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
            and j.state = 'running'
         returning j.id, j.queue
     )
