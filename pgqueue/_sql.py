@@ -45,6 +45,7 @@ _TEMPLATES: dict[str, LiteralString] = {
         " lease_token, run_at, created_at from {schema}.lease(%s, %s, %s, %s)"
     ),
     "complete": "select {schema}.complete(%s::bigint[], %s::uuid[], %s::jsonb[])",
+    "complete_one": "select {schema}.complete_one(%s, %s, %s::jsonb)",
     "fail": "select {schema}.fail(%s, %s, %s::jsonb, %s)",
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
     "reap": "select id, state from {schema}.reap(%s)",
@@ -89,6 +90,7 @@ class Statements:
     enqueue_many_delayed: str
     lease: str
     complete: str
+    complete_one: str
     fail: str
     heartbeat: str
     reap: str

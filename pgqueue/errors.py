@@ -97,6 +97,7 @@ _BY_SQLSTATE: dict[str, type[PgqueueError]] = {
     "PQ001": InvalidJob,
     "PQ002": JobNotFound,
     "PQ003": InvalidState,
+    "PQ004": LeaseLost,
 }
 
 # CHECK constraints of pgqueue.jobs that guard enqueue input (sql/migrations/0001).

@@ -21,6 +21,7 @@ import inspect
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -31,7 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import _sql, migrations, serialization
 from pgqueue.app import App
@@ -50,6 +51,13 @@ from pgqueue.tasks import Task
 
 _DEFAULT_RETRY = ExponentialBackoff()
 _FLUSH_MAX = 2000  # completions per statement
+
+
+def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
+    """complete_one's PQ004 as LeaseLost; None for any other error."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == "PQ004":
+        return LeaseLost(str(exc.diag.message_primary), job_id=job.id)
+    return None
 
 
 @dataclass(eq=False, slots=True)
@@ -156,7 +164,9 @@ class Worker:
         self._flush: asyncio.Event | None = None
         self._flush_lock = asyncio.Lock()
         self._pool: AsyncConnectionPool | None = None
-        self._sync_pool: ConnectionPool | None = None
+        self._local = threading.local()
+        self._thread_conns: list[psycopg.Connection[Any]] = []
+        self._thread_conns_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
     # -- public control ---------------------------------------------------------
@@ -196,14 +206,6 @@ class Worker:
         if any(not t.is_async for t in tasks):
             self._executor = ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
-            )
-        if any(not t.is_async and t.transactional for t in tasks):
-            self._sync_pool = ConnectionPool(
-                dsn,
-                min_size=1,
-                max_size=self.concurrency,
-                kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
-                open=True,
             )
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -412,16 +414,28 @@ class Worker:
             self._completed_later(attempt, self._result_json(result))
             return
         assert self._pool is not None
-        async with self._pool.connection() as conn, conn.transaction():
-            result = await self._within_timeout(
-                task, task.func(self._context(job, conn), **args)
-            )
-            payload = self._result_json(result)
-            cur = await conn.execute(
-                self._stmts.complete, [[job.id], [job.lease_token], [payload]]
-            )
-            if not await cur.fetchall():
-                raise LeaseLost(job_id=job.id)
+        async with self._pool.connection() as conn:
+            await conn.execute("begin")
+            try:
+                result = await self._within_timeout(
+                    task, task.func(self._context(job, conn), **args)
+                )
+                payload = self._result_json(result)
+                # Completion and COMMIT in one round trip: complete_one raises
+                # when the lease was lost, and the COMMIT then rolls back.
+                async with conn.pipeline():
+                    await conn.execute(
+                        self._stmts.complete_one, [job.id, job.lease_token, payload]
+                    )
+                    await conn.execute("commit")
+            except BaseException as exc:
+                if not conn.closed:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("rollback")
+                lost = _lease_error(exc, job)
+                if lost is not None:
+                    raise lost from exc
+                raise
         self._log_succeeded(attempt)
 
     async def _within_timeout(self, task: Task, coro: Any) -> Any:
@@ -473,23 +487,47 @@ class Worker:
         job = attempt.job
         if not task.transactional:
             return self._result_json(task.func(self._context(job, None), **args))
-        assert self._sync_pool is not None
-        with self._sync_pool.connection() as conn:
-            attempt.sync_conn = conn
-            try:
-                with conn.transaction():
-                    result = task.func(self._context(job, conn), **args)
-                    payload = self._result_json(result)
-                    if attempt.timed_out or attempt.abandoned:
-                        raise JobTimeout("the attempt was abandoned; rolled back")
-                    rows = conn.execute(
-                        self._stmts.complete, [[job.id], [job.lease_token], [payload]]
-                    ).fetchall()
-                    if not rows:
-                        raise LeaseLost(job_id=job.id)
-                return payload
-            finally:
-                attempt.sync_conn = None
+        conn = self._thread_connection()
+        attempt.sync_conn = conn
+        try:
+            conn.execute("begin")
+            result = task.func(self._context(job, conn), **args)
+            payload = self._result_json(result)
+            if attempt.timed_out or attempt.abandoned:
+                raise JobTimeout("the attempt was abandoned; rolled back")
+            # As in _run_async: completion and COMMIT in one round trip.
+            with conn.pipeline():
+                conn.execute(
+                    self._stmts.complete_one, [job.id, job.lease_token, payload]
+                )
+                conn.execute("commit")
+            return payload
+        except BaseException as exc:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("rollback")
+            lost = _lease_error(exc, job)
+            if lost is not None:
+                raise lost from exc
+            raise
+        finally:
+            attempt.sync_conn = None
+
+    def _thread_connection(self) -> psycopg.Connection[Any]:
+        """This pool thread's own connection, opened on first use.
+
+        Each handler thread keeps one connection rather than borrowing from a
+        pool: a checkout and return per job cost more than the job's own SQL.
+        """
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = psycopg.connect(
+                self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+            )
+            self._local.conn = conn
+            with self._thread_conns_lock:
+                self._thread_conns.append(conn)
+        return conn
 
     def _result_json(self, result: Any) -> str | None:
         if result is None:
@@ -704,8 +742,10 @@ class Worker:
             await self._execute(self._stmts.unregister_worker, [self.worker_id])
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._sync_pool is not None:
-            self._sync_pool.close(timeout=1.0)
+        with self._thread_conns_lock:
+            for conn in self._thread_conns:
+                with contextlib.suppress(Exception):
+                    conn.close()
         if self._pool is not None:
             await self._pool.close(timeout=1.0)
         self._log.info(

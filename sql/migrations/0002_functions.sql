@@ -4,6 +4,7 @@
 --   PQ001  invalid job (bad name, priority, attempts, key)   -> InvalidJob
 --   PQ002  job not found                                     -> JobNotFound
 --   PQ003  job is not in a state that allows the transition   -> InvalidState
+--   PQ004  the lease was lost (fenced completion refused)     -> LeaseLost
 --
 -- Time always comes from now(): the database's clock, never a worker's.
 
@@ -260,11 +261,15 @@ create function :pgqueue_schema.complete(
     p_tokens  uuid[],
     p_results jsonb[] default null
 ) returns setof bigint
-language sql
+-- plpgsql, not sql: PostgreSQL < 18 plans a SQL function's statements on every
+-- call, which cost 0.48 ms per one-job completion; plpgsql keeps the plan.
+language plpgsql
 -- The planner guesses 10 rows for unnest() of a parameter and then loops over it
 -- once per job: 47.7 s to complete 20,000 jobs. Hash joins make it 12 ms per 2,000.
 set enable_nestloop = off
 as $$
+begin
+    return query
     -- Each (id, token) pair is matched exactly. The extra id = any() lets the
     -- planner walk the primary key; a join on unnest() alone was planned as a
     -- sequential scan of the table.
@@ -283,11 +288,46 @@ as $$
            d.errors
       from done d
       left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
-    returning id
+    returning finished_jobs.id;
+end
 $$;
 comment on function :pgqueue_schema.complete(bigint[], uuid[], jsonb[]) is
     'Mark running jobs succeeded (fenced by lease token) and move them to '
     'finished_jobs. Returns the ids it completed.';
+
+-- complete_one: complete one job inside the handler's transaction, or raise
+-- PQ004 when its lease was lost. Raising (rather than returning false) aborts the
+-- transaction, so the worker can send this and COMMIT in one round trip: a lost
+-- lease turns the COMMIT into a rollback of the handler's writes.
+create function :pgqueue_schema.complete_one(
+    p_id     bigint,
+    p_token  uuid,
+    p_result jsonb default null
+) returns void
+language plpgsql as $$
+begin
+    with done as (
+        delete from :pgqueue_schema.jobs j
+         where j.id = p_id and j.lease_token = p_token and j.state = 'running'
+        returning j.*
+    )
+    insert into :pgqueue_schema.finished_jobs
+           (id, queue, task, args, priority, state, attempts, max_attempts,
+            idempotency_key, created_at, started_at, result, errors)
+    select d.id, d.queue, d.task, d.args, d.priority, 'succeeded', d.attempts,
+           d.max_attempts, d.idempotency_key, d.created_at, d.leased_at, p_result,
+           d.errors
+      from done d;
+    if not found then
+        raise exception 'lease of job % was lost: it expired or moved to another '
+                        'worker; this attempt is rolled back', p_id
+              using errcode = 'PQ004';
+    end if;
+end
+$$;
+comment on function :pgqueue_schema.complete_one(bigint, uuid, jsonb) is
+    'Complete one running job (fenced by lease token) in the caller''s '
+    'transaction; raise PQ004 if the lease was lost.';
 
 -- fail: one attempt failed (handler raised, timed out, or an unknown task). With
 -- attempts left the job is queued again at now() + p_retry_delay; otherwise it is
