@@ -369,6 +369,26 @@ def prune(
     typer.echo(f"pruned {total} finished jobs")
 
 
+@cli.command()
+def bench(
+    jobs: Annotated[int, typer.Option(min=100, help="Jobs per workload.")] = 20_000,
+    workload: Annotated[
+        list[str] | None,
+        typer.Option(help="enqueue, drain, business, latency, backlog, memory."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure pgqueue on this database (in a scratch schema, dropped after)."""
+    from pgqueue import bench as benchmark
+
+    unknown = set(workload or []) - set(benchmark.WORKLOADS)
+    if unknown:
+        _fail(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    _connect().close()  # a clear error now if the database is unreachable
+    results = benchmark.run(_settings.dsn, jobs, workload)
+    typer.echo(benchmark.to_json(results) if as_json else benchmark.render(results))
+
+
 def main() -> None:
     """Entry point of the ``pgqueue`` script."""
     cli()
