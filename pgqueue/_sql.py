@@ -40,6 +40,18 @@ _TEMPLATES: dict[str, LiteralString] = {
         " array_fill(now() + %(when)s::interval, array[%(n)s]),"
         " array_fill(%(max_attempts)s::int, array[%(n)s]), null)"
     ),
+    # Bulk enqueue by COPY: reserve the ids, fix run_at by the database clock and
+    # queue the NOTIFY (delivered at commit) in one round trip, then stream rows.
+    "reserve_ids": (
+        "select array_agg(nextval('{schema}.jobs_id_seq'::regclass)),"
+        " coalesce(%(run_at)s::timestamptz, now() + %(delay)s::interval, now()),"
+        " {schema}._notify(array[%(queue)s::text])"
+        " from generate_series(1, %(n)s)"
+    ),
+    "copy_jobs": (
+        "copy {schema}.jobs (id, queue, task, args, priority, run_at, max_attempts)"
+        " from stdin"
+    ),
     "lease": (
         "select id, queue, task, args, priority, attempts, max_attempts,"
         " lease_token, run_at, created_at from {schema}.lease(%s, %s, %s, %s)"
@@ -88,6 +100,8 @@ class Statements:
     enqueue_delayed: str
     enqueue_many: str
     enqueue_many_delayed: str
+    reserve_ids: str
+    copy_jobs: str
     lease: str
     complete: str
     complete_one: str

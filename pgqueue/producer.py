@@ -176,16 +176,21 @@ def _many_params(
             "one idempotency_key cannot cover many jobs; enqueue them one by one"
         )
     payloads = []
+    limit = app.max_payload_bytes
     for index, item in enumerate(args):
-        if not isinstance(item, Mapping):
-            raise errors.ArgumentsNotSerializable(
-                f"args[{index}] must be a mapping, got {type(item).__name__}"
-            )
-        payloads.append(
-            serialization.dumps(
-                dict(item), what=f"args[{index}]", max_bytes=app.max_payload_bytes
-            )
-        )
+        if type(item) is not dict:
+            if not isinstance(item, Mapping):
+                raise errors.ArgumentsNotSerializable(
+                    f"args[{index}] must be a mapping, got {type(item).__name__}"
+                )
+            item = dict(item)
+        try:
+            payloads.append(serialization.dumps(item, max_bytes=limit))
+        except errors.ArgumentsNotSerializable as exc:
+            # Name the job in the path only on error: formatting it for every
+            # job cost more than the check.
+            text = str(exc).replace("args", f"args[{index}]", 1)
+            raise errors.ArgumentsNotSerializable(text) from None
     n = len(payloads)
     when = _when(opts)
     stmts = _sql.statements(app.schema)
@@ -204,6 +209,37 @@ def _many_params(
         "when": when,
         "max_attempts": opts.max_attempts,
     }
+
+
+# From this many jobs on, enqueue_many reserves ids and streams the rows with COPY
+# (two round trips, no array literal to build and parse on either side).
+# `pgqueue bench --workload enqueue`, 20k jobs in 10k-job transactions: 86k/s
+# through enqueue_many() arrays, 115k/s by COPY, 150k/s with the faster JSON
+# check in serialization.py.
+COPY_THRESHOLD = 500
+
+
+def _reserve_params(params: dict[str, Any]) -> dict[str, Any]:
+    when = params["when"]
+    return {
+        "n": params["n"],
+        "queue": params["queue"],
+        "run_at": when if isinstance(when, datetime) else None,
+        "delay": when if isinstance(when, timedelta) else None,
+    }
+
+
+def _copy_rows(ids: list[int], params: dict[str, Any], run_at: datetime) -> bytes:
+    """COPY text rows. JSON text has no raw tab or newline (json.dumps escapes
+    control characters), so doubling backslashes is the only escaping needed;
+    queue and task names were checked to hold no special characters."""
+    fixed = "\t".join([params["queue"], params["task"]])
+    tail = f"\t{params['priority']}\t{run_at.isoformat()}\t{params['max_attempts']}\n"
+    lines = [
+        f"{job_id}\t{fixed}\t{payload.replace(chr(92), chr(92) * 2)}{tail}"
+        for job_id, payload in zip(ids, params["args"], strict=True)
+    ]
+    return "".join(lines).encode("utf-8")
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> list[int]:
@@ -256,8 +292,16 @@ def enqueue_many(
     query, params = _many_params(app, task, args, opts)
     if not params["n"]:
         return []
+    stmts = _sql.statements(app.schema)
     try:
-        return _ids(conn.execute(query, params).fetchall())
+        if params["n"] < COPY_THRESHOLD:
+            return _ids(conn.execute(query, params).fetchall())
+        row = conn.execute(stmts.reserve_ids, _reserve_params(params)).fetchone()
+        assert row is not None
+        ids, run_at, _ = row
+        with conn.cursor().copy(stmts.copy_jobs) as copy:
+            copy.write(_copy_rows(ids, params, run_at))
+        return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
 
@@ -273,8 +317,17 @@ async def enqueue_many_async(
     query, params = _many_params(app, task, args, opts)
     if not params["n"]:
         return []
+    stmts = _sql.statements(app.schema)
     try:
-        cur = await conn.execute(query, params)
-        return _ids(await cur.fetchall())
+        if params["n"] < COPY_THRESHOLD:
+            cur = await conn.execute(query, params)
+            return _ids(await cur.fetchall())
+        cur = await conn.execute(stmts.reserve_ids, _reserve_params(params))
+        row = await cur.fetchone()
+        assert row is not None
+        ids, run_at, _ = row
+        async with conn.cursor().copy(stmts.copy_jobs) as copy:
+            await copy.write(_copy_rows(ids, params, run_at))
+        return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None

@@ -91,13 +91,37 @@ def test_enqueue_by_name_without_the_handler(dsn: str, conn: Conn) -> None:
     assert row == ("reports.build", "reports", {"day": "2026-11-22"})
 
 
-def test_bulk_enqueue_is_one_statement(app: pgqueue.App, conn: Conn) -> None:
+def test_bulk_enqueue_returns_ids_in_input_order(app: pgqueue.App, conn: Conn) -> None:
     send = app.tasks["send"]
     ids = send.enqueue_many(conn, ({"to": f"u{i}"} for i in range(5000)))
     assert len(ids) == len(set(ids)) == 5000
     assert ids == sorted(ids)
     assert count(conn, "queue = 'emails'") == 5000
     assert send.enqueue_many(conn, []) == []
+
+
+@pytest.mark.parametrize("count", [10, 1200], ids=["arrays", "copy"])
+def test_bulk_enqueue_with_delay_and_options(dsn: str, conn: Conn, count: int) -> None:
+    app = pgqueue.App(dsn)
+    ids = app.enqueue_many(
+        conn,
+        "report",
+        [{"n": i, "s": "tab\there \\ back"} for i in range(count)],
+        queue="reports",
+        priority=7,
+        delay=timedelta(hours=1),
+        max_attempts=3,
+    )
+    rows = conn.execute(
+        "select min(extract(epoch from run_at - now())), count(*),"
+        " count(*) filter (where priority = 7 and max_attempts = 3 and queue = 'reports')"
+        " from pgqueue.jobs"
+    ).fetchone()
+    assert rows is not None and 3590 < rows[0] <= 3600 and rows[1:] == (count, count)
+    last = conn.execute(
+        "select args from pgqueue.jobs where id = %s", [ids[-1]]
+    ).fetchone()
+    assert last == ({"n": count - 1, "s": "tab\there \\ back"},)
 
 
 def test_idempotency_key_under_20_concurrent_producers(
@@ -133,11 +157,12 @@ def test_async_producer(app: pgqueue.App, dsn: str, conn: Conn) -> None:
             async with aconn.transaction():
                 one = await send.enqueue_async(aconn, to="a")
                 many = await send.enqueue_many_async(aconn, [{"to": "b"}, {"to": "c"}])
+                bulk = await send.enqueue_many_async(aconn, [{"to": "e"}] * 600)
                 by_name = await app.enqueue_async(aconn, "send", {"to": "d"})
-            return [one, *many, by_name]
+            return [one, *many, by_name, *bulk]
 
     ids = asyncio.run(main())
-    assert count(conn) == 4 and len(set(ids)) == 4
+    assert count(conn) == 604 and len(set(ids)) == 604
 
 
 BAD_INPUT = [
