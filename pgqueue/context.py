@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgqueue.jobs import Job
@@ -29,7 +29,12 @@ class JobContext:
     job: Job
     conn: Any
     worker_id: str
-    log: Any
+    logger: Any = field(repr=False)
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to this job's id and task."""
+        return self.logger.bind(job_id=self.job.id, task=self.job.task)
 
     @property
     def attempt(self) -> int:

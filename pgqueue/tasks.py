@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,54 @@ TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,199}$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Shape:
+    """What keyword arguments a handler takes after its context argument."""
+
+    signature: inspect.Signature
+    accepts_any: bool
+    allowed: frozenset[str]
+    required: frozenset[str]
+
+
+@functools.cache
+def _shape(func: Callable[..., Any]) -> _Shape:
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())[1:]  # after ctx
+    kinds = inspect.Parameter
+    keywordable = [
+        p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+    ]
+    return _Shape(
+        signature=signature,
+        accepts_any=any(p.kind is kinds.VAR_KEYWORD for p in params),
+        allowed=frozenset(p.name for p in keywordable),
+        required=frozenset(p.name for p in keywordable if p.default is p.empty),
+    )
+
+
+def check_args(task: Task, args: dict[str, Any]) -> None:
+    """Raise TypeError, naming the handler's signature, if ``args`` do not fit.
+
+    Checked before the call so a job whose stored arguments no longer match the
+    handler fails with a clear message instead of a TypeError from inside it.
+    """
+    shape = _shape(task.func)
+    names = args.keys()
+    missing = shape.required - names
+    extra = set() if shape.accepts_any else names - shape.allowed
+    if missing or extra:
+        detail = []
+        if missing:
+            detail.append(f"missing {sorted(missing)}")
+        if extra:
+            detail.append(f"unexpected {sorted(extra)}")
+        raise TypeError(
+            f"arguments {sorted(names)} do not match {task.name}{shape.signature}: "
+            + ", ".join(detail)
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the options its jobs are enqueued with.
 
@@ -38,10 +87,7 @@ class Task:
     retry: RetryPolicy = dataclasses.field(default_factory=ExponentialBackoff)
     defaults: producer.Options = dataclasses.field(default_factory=producer.Options)
 
-    @property
-    def is_async(self) -> bool:
-        """Whether the handler is a coroutine function (runs on the event loop)."""
-        return inspect.iscoroutinefunction(self.func)
+    is_async: bool = False  # set by make_task: the handler is a coroutine function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the handler directly, as a plain function (no queue involved)."""
@@ -126,6 +172,7 @@ def make_task(
     if timeout is not None and timeout <= 0:
         raise ConfigurationError("timeout must be a positive number of seconds")
     producer.check_options(options)
+    _shape(func)  # fail at registration if the signature cannot be read
     return Task(
         app=app,
         func=func,
@@ -134,4 +181,5 @@ def make_task(
         timeout=timeout,
         retry=retry or ExponentialBackoff(),
         defaults=options,
+        is_async=inspect.iscoroutinefunction(func),
     )

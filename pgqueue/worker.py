@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import signal
 import socket
@@ -47,7 +46,7 @@ from pgqueue.errors import (
 from pgqueue.jobs import Job
 from pgqueue.log import get_logger
 from pgqueue.retry import ExponentialBackoff
-from pgqueue.tasks import Task
+from pgqueue.tasks import Task, check_args
 
 _DEFAULT_RETRY = ExponentialBackoff()
 _FLUSH_MAX = 2000  # completions per statement
@@ -155,7 +154,6 @@ class Worker:
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
-        self._signatures: dict[str, inspect.Signature] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._due = True
@@ -353,26 +351,17 @@ class Worker:
             job=job,
             conn=conn,
             worker_id=self.worker_id,
-            log=self._log.bind(job_id=job.id, task=job.task),
+            logger=self._log,
         )
 
     def _bind_args(self, task: Task, job: Job) -> dict[str, Any]:
         """The job's arguments as keywords, checked against the handler."""
-        if not isinstance(job.args, dict):
+        if type(job.args) is not dict:
             raise ArgumentsNotSerializable(
                 f"job {job.id} has arguments of JSON type {type(job.args).__name__}; "
                 "a task takes a JSON object of keyword arguments"
             )
-        signature = self._signatures.get(task.name)
-        if signature is None:
-            signature = self._signatures[task.name] = inspect.signature(task.func)
-        try:
-            signature.bind(None, **job.args)
-        except TypeError as exc:
-            raise TypeError(
-                f"arguments {sorted(job.args)} do not match {task.name}{signature}: "
-                f"{exc}"
-            ) from None
+        check_args(task, job.args)
         return job.args
 
     async def _run(self, attempt: _Attempt) -> None:
