@@ -112,7 +112,10 @@ create table "pgqueue".finished_jobs (
 comment on table "pgqueue".finished_jobs is
     'Jobs that reached a final state, kept until pruned by retention. Internal: '
     'read the views.';
-create index finished_jobs_finished_at_idx on "pgqueue".finished_jobs (finished_at);
+-- BRIN, not btree: finished_at grows with insertion order, and a BRIN index costs
+-- almost nothing per completion while still letting prune skip recent pages.
+create index finished_jobs_finished_at_idx on "pgqueue".finished_jobs
+    using brin (finished_at);
 create index finished_jobs_dead_idx on "pgqueue".finished_jobs (queue, finished_at)
     where state = 'dead';
 
@@ -915,7 +918,6 @@ begin
          where f.id in (select g.id from "pgqueue".finished_jobs g
                          where g.finished_at < now() - p_older_than
                            and g.state = any(p_states)
-                         order by g.finished_at
                          limit p_limit
                            for update skip locked)
         returning f.id, f.queue, f.idempotency_key

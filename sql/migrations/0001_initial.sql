@@ -102,7 +102,10 @@ create table :pgqueue_schema.finished_jobs (
 comment on table :pgqueue_schema.finished_jobs is
     'Jobs that reached a final state, kept until pruned by retention. Internal: '
     'read the views.';
-create index finished_jobs_finished_at_idx on :pgqueue_schema.finished_jobs (finished_at);
+-- BRIN, not btree: finished_at grows with insertion order, and a BRIN index costs
+-- almost nothing per completion while still letting prune skip recent pages.
+create index finished_jobs_finished_at_idx on :pgqueue_schema.finished_jobs
+    using brin (finished_at);
 create index finished_jobs_dead_idx on :pgqueue_schema.finished_jobs (queue, finished_at)
     where state = 'dead';
 

@@ -698,7 +698,6 @@ begin
          where f.id in (select g.id from :pgqueue_schema.finished_jobs g
                          where g.finished_at < now() - p_older_than
                            and g.state = any(p_states)
-                         order by g.finished_at
                          limit p_limit
                            for update skip locked)
         returning f.id, f.queue, f.idempotency_key
