@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 from datetime import datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
@@ -49,7 +50,10 @@ def _options(
     schema: Annotated[str, typer.Option(help="Schema holding pgqueue.")] = "pgqueue",
 ) -> None:
     _settings.dsn = resolve_dsn(dsn)
-    _settings.schema = schema
+    try:
+        _settings.schema = migrations.check_schema_name(schema)
+    except ConfigurationError as exc:
+        _fail(str(exc))
 
 
 def _connect() -> psycopg.Connection[Any]:
@@ -167,6 +171,16 @@ def worker(
         _fail(str(exc))
     except psycopg.OperationalError as exc:
         _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+    # A sync handler still running past the grace period cannot be stopped from
+    # outside its thread, and the interpreter would wait for it at exit. Its job
+    # was handed back and its transaction never commits: leave now.
+    main = threading.main_thread()
+    if any(
+        t.is_alive() and not t.daemon and t is not main for t in threading.enumerate()
+    ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _parse_json(text: str) -> Any:
@@ -391,4 +405,13 @@ def bench(
 
 def main() -> None:
     """Entry point of the ``pgqueue`` script."""
-    cli()
+    try:
+        cli()
+    except PgqueueError as exc:
+        # Every command maps its expected errors; this is the safety net that
+        # keeps a user error to one line.
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except psycopg.OperationalError as exc:
+        typer.echo(f"error: database: {str(exc).strip()}", err=True)
+        sys.exit(1)
