@@ -1,4 +1,4 @@
--- pgqueue schema 'pgqueue', version 2
+-- pgqueue schema 'pgqueue', version 3
 create schema if not exists "pgqueue";
 create table if not exists "pgqueue".migrations (
     version    integer primary key,
@@ -937,5 +937,76 @@ comment on function "pgqueue".prune(interval, integer, "pgqueue".job_state[]) is
     'idempotency keys. Returns how many were deleted.';
 
 insert into "pgqueue".migrations (version, name) values (2, 'functions');
+commit;
+
+-- 0003_privileges
+begin;
+-- pgqueue 0003: least privilege.
+--
+-- Three kinds of roles (see README, "Roles"):
+--   owner     owns the schema and runs `pgqueue migrate`; needs no superuser.
+--   worker    runs `pgqueue worker`: reads and changes jobs through the functions;
+--             no DDL, no superuser.            select pgqueue.grant_worker('role');
+--   producer  may only enqueue: it cannot read jobs (their payloads may hold
+--             other tenants' data).            select pgqueue.grant_producer('role');
+
+-- Enqueue runs with the owner's rights, so a producer needs no SELECT on the
+-- tables (INSERT ... RETURNING and the idempotency lookup read them). The
+-- search_path is pinned, as for any SECURITY DEFINER function; every object is
+-- schema-qualified anyway.
+alter function "pgqueue".enqueue(
+    text, jsonb, text, integer, timestamptz, integer, text)
+    security definer set search_path = pg_catalog, pg_temp;
+alter function "pgqueue".enqueue_many(
+    text[], jsonb[], text[], integer[], timestamptz[], integer[], text[])
+    security definer set search_path = pg_catalog, pg_temp;
+
+-- Functions are executable by PUBLIC by default; pgqueue's are granted explicitly.
+revoke execute on all functions in schema "pgqueue" from public;
+
+create function "pgqueue".grant_producer(p_role text) returns void
+language plpgsql as $$
+begin
+    execute format('grant usage on schema "pgqueue" to %I', p_role);
+    execute format('grant execute on function "pgqueue".enqueue('
+                   'text, jsonb, text, integer, timestamptz, integer, text) to %I',
+                   p_role);
+    execute format('grant execute on function "pgqueue".enqueue_many('
+                   'text[], jsonb[], text[], integer[], timestamptz[], integer[], '
+                   'text[]) to %I', p_role);
+    -- Bulk enqueue from Python streams rows with COPY: INSERT (not SELECT) on
+    -- the hot table, ids from the sequence, and the NOTIFY helper.
+    execute format('grant insert on "pgqueue".jobs to %I', p_role);
+    execute format('grant usage on sequence "pgqueue".jobs_id_seq to %I',
+                   p_role);
+    execute format('grant execute on function "pgqueue"._notify(text[]) '
+                   'to %I', p_role);
+end
+$$;
+comment on function "pgqueue".grant_producer(text) is
+    'Let a role enqueue jobs (function, COPY) without reading any job.';
+
+create function "pgqueue".grant_worker(p_role text) returns void
+language plpgsql as $$
+begin
+    execute format('grant usage on schema "pgqueue" to %I', p_role);
+    execute format('grant execute on all functions in schema "pgqueue" to %I',
+                   p_role);
+    execute format('revoke execute on function "pgqueue".grant_worker(text), '
+                   '"pgqueue".grant_producer(text) from %I', p_role);
+    execute format('grant select, insert, update, delete on all tables in schema '
+                   '"pgqueue" to %I', p_role);
+    execute format('grant usage on all sequences in schema "pgqueue" to %I',
+                   p_role);
+end
+$$;
+comment on function "pgqueue".grant_worker(text) is
+    'Let a role run workers and the CLI (no DDL): execute the functions, read '
+    'and change the tables.';
+
+revoke execute on function "pgqueue".grant_producer(text) from public;
+revoke execute on function "pgqueue".grant_worker(text) from public;
+
+insert into "pgqueue".migrations (version, name) values (3, 'privileges');
 commit;
 

@@ -1,0 +1,102 @@
+"""Least privilege: an owner that is no superuser migrates; a producer can only
+enqueue; a worker runs jobs without DDL rights."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+import pgqueue
+from pgqueue import migrations
+
+
+@pytest.fixture
+def roles(conn: psycopg.Connection[Any], dsn: str) -> Iterator[dict[str, str]]:
+    suffix = uuid.uuid4().hex[:8]
+    names = {kind: f"pq_{kind}_{suffix}" for kind in ("owner", "producer", "worker")}
+    for name in names.values():
+        conn.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
+    conn.execute(
+        sql.SQL("create schema priv authorization {}").format(
+            sql.Identifier(names["owner"])
+        )
+    )
+    conn.execute(sql.SQL("create table business (job_id bigint)"))
+    conn.execute(
+        sql.SQL("grant insert on business to {}").format(
+            sql.Identifier(names["worker"])
+        )
+    )
+    dsns = {kind: make_conninfo(dsn, user=name) for kind, name in names.items()}
+    yield dsns
+    conn.execute("drop schema priv cascade")
+    conn.execute("drop table business")
+    for name in names.values():
+        conn.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("drop role {}").format(sql.Identifier(name)))
+
+
+def test_roles(roles: dict[str, str]) -> None:
+    # The owner (no superuser, no CREATE on the database) migrates its schema.
+    with psycopg.connect(roles["owner"], autocommit=True) as owner:
+        assert owner.execute(
+            "select rolsuper from pg_roles where rolname = current_user"
+        ).fetchone() == (False,)
+        applied = migrations.migrate(owner, "priv")
+        assert len(applied) == migrations.latest_version()
+        assert migrations.migrate(owner, "priv") == []
+        for kind in ("producer", "worker"):
+            user = conninfo_to_dict(roles[kind])["user"]
+            owner.execute(
+                sql.SQL("select priv.{}(%s)").format(sql.Identifier(f"grant_{kind}")),
+                [user],
+            )
+
+    # The producer enqueues (one, bulk by arrays, bulk by COPY) but reads nothing.
+    producer_app = pgqueue.App(roles["producer"], schema="priv")
+    with psycopg.connect(roles["producer"], autocommit=True) as producer:
+        first = producer_app.enqueue(
+            producer, "record", {"secret": "tenant-a"}, idempotency_key="k1"
+        )
+        assert (
+            producer_app.enqueue(
+                producer, "record", {"secret": "x"}, idempotency_key="k1"
+            )
+            == first
+        )
+        producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(10)])
+        producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(600)])
+        for query in (
+            "select args from priv.jobs",
+            "select * from priv.jobs_overview",
+            "select * from priv.lease(array['default'], 1, 'thief', 60)",
+            "create table priv.sneaky (x int)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                producer.execute(query)
+
+    # The worker runs every job, but cannot change the schema.
+    worker_app = pgqueue.App(roles["worker"], schema="priv")
+
+    @worker_app.task()
+    def record(ctx: pgqueue.JobContext, **args: Any) -> None:
+        ctx.conn.execute("insert into business values (%s)", [ctx.job.id])
+
+    pgqueue.Worker(
+        worker_app, until_empty=True, handle_signals=False, concurrency=8
+    ).run()
+    with psycopg.connect(roles["worker"], autocommit=True) as worker:
+        depth = worker.execute(
+            "select queued, running, succeeded from priv.queue_depth"
+        ).fetchone()
+        assert depth == (0, 0, 611)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            worker.execute("create table priv.sneaky (x int)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            worker.execute("drop table priv.jobs")
