@@ -59,11 +59,16 @@ check: lint typecheck test ## lint, typecheck and test
 schema: install ## regenerate sql/schema.snapshot.sql from a fresh migration
 	$(VENV)/bin/pgqueue migrate --print > sql/schema.snapshot.sql
 
-bench: install ## pgqueue's own benchmark, then the comparison with peers
-	$(VENV)/bin/pgqueue bench
-	$(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/pip install -q -r tests/benchmarks/requirements-peers.txt -e .
-	.venv-bench/bin/python tests/benchmarks/compare.py
+bench: install ## pgqueue's own benchmark, then the comparison with peers and raw SQL
+	@set -e; dsn="$${PGQUEUE_DSN:-postgresql://postgres@127.0.0.1:5432/postgres}"; \
+	echo "+ pgqueue --dsn $$dsn bench"; $(VENV)/bin/pgqueue --dsn "$$dsn" bench; \
+	[ -x .venv-bench/bin/python ] || $(PYTHON) -m venv .venv-bench; \
+	.venv-bench/bin/pip install -q -r tests/benchmarks/requirements-peers.txt -e .; \
+	echo "+ .venv-bench/bin/python tests/benchmarks/compare.py --dsn $$dsn"; \
+	.venv-bench/bin/python tests/benchmarks/compare.py --dsn "$$dsn"
+
+soak: install ## the fault and load tests at soak sizes (1M backlog, 10k jobs under faults)
+	PGQUEUE_BACKLOG=1000000 PGQUEUE_FAULT_JOBS=10000 $(PY) -m pytest tests/reliability -s
 
 clean: ## remove the venvs and the embedded server's data
 	-[ -x $(PY) ] && $(PY) -m pgqueue.embedded stop $(EMBEDDED_DIR)

@@ -1,0 +1,310 @@
+"""pgqueue against its peers and the raw-SQL ceiling, in one run, on one server.
+
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install -r tests/benchmarks/requirements-peers.txt -e .
+    .venv-bench/bin/python tests/benchmarks/compare.py --n 20000
+
+Every system gets a fresh database per workload on the same server. The raw
+baselines are pgbench scripts (tests/benchmarks/BENCHMARKS in ../shared): the
+least work per job a SKIP LOCKED queue can do. A system's figure counts only
+if every job ran exactly once (handler calls are counted by job id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+HERE = Path(__file__).resolve().parent
+PEERS = [sys.executable, str(HERE / "peers.py")]
+SYSTEMS = ["pgqueue", "pgqueuer", "procrastinate"]
+
+
+def fresh_db(server: str, name: str) -> str:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+        conn.execute(f'create database "{name}"')
+    return make_conninfo(server, dbname=name)
+
+
+def drop_db(server: str, name: str) -> None:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def run(*args: str, timeout: float = 900) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def peer(system: str, role: str, dsn: str, *args: str) -> Any:
+    out = run(*PEERS, system, role, dsn, *args).strip().splitlines()
+    return json.loads(out[-1]) if out else None
+
+
+# -- raw SQL ceilings (pgbench) ---------------------------------------------------
+
+RAW_TABLE = """
+create table jobs (
+    id bigserial primary key,
+    queue text not null default 'default',
+    priority int not null default 0,
+    run_at timestamptz not null default now(),
+    args jsonb not null default '{}'
+);
+create index jobs_fetch on jobs (priority, id);
+create table business (job_id bigint);
+"""
+TAKE = "select id from jobs order by priority, id for update skip locked limit {n}"
+SCRIPTS = {
+    "insert_one": "insert into jobs (args) values ('{}');",
+    "insert_bulk": "insert into jobs (args) select '{}' from generate_series(1, 1000);",
+    "take_one": f"delete from jobs where id = ({TAKE.format(n=1)}) returning *;",
+    "take_batch": f"delete from jobs where id in ({TAKE.format(n=100)}) returning *;",
+    "take_one_business": (
+        f"with d as (delete from jobs where id = ({TAKE.format(n=1)}) returning id)"
+        " insert into business select id from d;"
+    ),
+}
+
+
+def pgbench(dsn: str, script: str, clients: int, transactions: int) -> float:
+    info = conninfo_to_dict(dsn)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    try:
+        out = run(
+            "pgbench", "-n", "-h", str(info.get("host", "127.0.0.1")),
+            "-p", str(info.get("port", 5432)), "-U", str(info.get("user", "postgres")),
+            "-c", str(clients), "-j", str(clients), "-t", str(transactions),
+            "-f", f.name, str(info["dbname"]),
+        )  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if not match:
+        raise RuntimeError(f"no tps in pgbench output:\n{out}")
+    return float(match.group(1))
+
+
+def raw_ceilings(server: str, n: int) -> dict[str, float]:
+    res: dict[str, float] = {}
+
+    def fresh(preload: int = 0) -> str:
+        dsn = fresh_db(server, "pqbench_raw")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(RAW_TABLE)
+            if preload:
+                conn.execute(
+                    "insert into jobs (args) select '{}' from generate_series(1, %s)",
+                    [preload],
+                )
+                conn.execute("vacuum analyze jobs")
+        return dsn
+
+    res["insert_one"] = pgbench(fresh(), SCRIPTS["insert_one"], 1, n)
+    res["insert_bulk"] = (
+        pgbench(fresh(), SCRIPTS["insert_bulk"], 1, max(1, n // 1000)) * 1000
+    )
+    for clients in (1, 2, 8):
+        res[f"take_one_{clients}c"] = pgbench(
+            fresh(n), SCRIPTS["take_one"], clients, n // clients
+        )
+        res[f"take_one_business_{clients}c"] = pgbench(
+            fresh(n), SCRIPTS["take_one_business"], clients, n // clients
+        )
+    for clients in (1, 2):
+        res[f"take_batch_{clients}c"] = (
+            pgbench(fresh(n), SCRIPTS["take_batch"], clients, n // (100 * clients))
+            * 100
+        )
+    drop_db(server, "pqbench_raw")
+    return res
+
+
+# -- peers -------------------------------------------------------------------------
+
+
+def drain(server: str, system: str, n: int, processes: int) -> float:
+    name = f"pqbench_{system}"
+    dsn = fresh_db(server, name)
+    peer(system, "setup", dsn, "-")
+    peer(system, "fill", dsn, str(n))
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [str(Path(tmp) / f"calls{i}.json") for i in range(processes)]
+        procs = [subprocess.Popen([*PEERS, system, "drain", dsn, out]) for out in outs]
+        for proc in procs:
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"{system} drain worker failed")
+        calls = [c for out in outs for c in json.loads(Path(out).read_text())]
+    drop_db(server, name)
+    ids = {c[0] for c in calls}
+    if len(calls) != n or len(ids) != n:
+        raise RuntimeError(
+            f"{system}: {len(calls)} handler calls for {len(ids)} of {n} jobs"
+        )
+    times = [c[1] for c in calls]
+    return n / (max(times) - min(times))
+
+
+def latency(server: str, system: str, jobs: int) -> dict[str, float]:
+    name = f"pqbench_{system}"
+    dsn = fresh_db(server, name)
+    peer(system, "setup", dsn, "-")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "calls.json")
+        worker = subprocess.Popen([*PEERS, system, "listen", dsn, out, str(jobs)])
+        time.sleep(3)  # started, listening, idle
+        committed = peer(system, "produce", dsn, str(jobs))
+        if worker.wait(timeout=120) != 0:
+            raise RuntimeError(f"{system} listen worker failed")
+        calls = json.loads(Path(out).read_text())
+    drop_db(server, name)
+    waits = sorted((start - committed[str(job_id)]) * 1000 for job_id, start in calls)
+    if len(waits) != jobs:
+        raise RuntimeError(f"{system}: {len(waits)} of {jobs} latency jobs ran")
+    cuts = statistics.quantiles(waits, n=100, method="inclusive")
+    return {
+        "latency_p50_ms": cuts[49],
+        "latency_p95_ms": cuts[94],
+        "latency_p99_ms": cuts[98],
+    }
+
+
+def measure(
+    server: str, system: str, n: int, drain_n: dict[str, int]
+) -> dict[str, float]:
+    name = f"pqbench_{system}"
+    dsn = fresh_db(server, name)
+    peer(system, "setup", dsn, "-")
+    res: dict[str, float] = dict(peer(system, "enqueue", dsn, str(n)))
+    drop_db(server, name)
+    size = drain_n.get(system, n)
+    res["drain_1proc"] = drain(server, system, size, 1)
+    res["drain_2proc"] = drain(server, system, size, 2)
+    res.update(latency(server, system, 300))
+    return res
+
+
+def pgqueue_extra(server: str, n: int) -> dict[str, float]:
+    """pgqueue-only workloads from `pgqueue bench` (business rows, backlog, RSS)."""
+    dsn = fresh_db(server, "pqbench_pgqueue_extra")
+    out = run(
+        sys.executable, "-m", "pgqueue", "--dsn", dsn, "bench", "--jobs", str(n),
+        "--workload", "business", "--workload", "backlog", "--workload", "memory", "--json",
+    )  # fmt: skip
+    drop_db(server, "pqbench_pgqueue_extra")
+    return dict(json.loads(out)["figures"])
+
+
+# -- report ------------------------------------------------------------------------
+
+CEILING = {
+    "enqueue_one": "insert_one",
+    "enqueue_bulk": "insert_bulk",
+    "drain_1proc": "take_batch_1c",
+    "drain_2proc": "take_batch_2c",
+    "business_1proc": "take_one_business_8c",
+    "business_2proc": "take_one_business_8c",
+}
+LOWER_IS_BETTER = {"latency_p50_ms", "latency_p95_ms", "latency_p99_ms"}
+
+
+def report(raw: dict[str, float], systems: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| workload | "
+        + " | ".join(systems)
+        + " | raw ceiling | pgqueue / ceiling | pgqueue / best peer |"
+    ]
+    lines.append("|" + " --- |" * (len(systems) + 4))
+    keys = list(dict.fromkeys(k for figures in systems.values() for k in figures))
+    for key in keys:
+        row = [key]
+        for figures in systems.values():
+            value = figures.get(key)
+            row.append("-" if value is None else f"{value:,.1f}")
+        ceiling = raw.get(CEILING.get(key, ""))
+        ours = systems.get("pgqueue", {}).get(key)
+        row.append("-" if ceiling is None else f"{ceiling:,.0f} ({CEILING[key]})")
+        row.append("-" if ceiling is None or ours is None else f"{ours / ceiling:.0%}")
+        peers = [f[key] for s, f in systems.items() if s != "pgqueue" and key in f]
+        if peers and ours is not None:
+            best = min(peers) if key in LOWER_IS_BETTER else max(peers)
+            ratio = best / ours if key in LOWER_IS_BETTER else ours / best
+            row.append(f"{ratio:.2f}x")
+        else:
+            row.append("-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(
+        "Raw ceilings (pgbench, jobs/s): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in raw.items())
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "PGQUEUE_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument(
+        "--slow-n", type=int, default=5000,
+        help="jobs for the drain of systems below 5k jobs/s (procrastinate)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    with psycopg.connect(args.dsn) as conn:
+        version = conn.execute("show server_version").fetchone()
+    print(
+        f"server {version[0] if version else '?'}, {os.cpu_count()} CPUs, n={args.n}",
+        flush=True,
+    )
+    raw = raw_ceilings(args.dsn, args.n)
+    print("raw:", json.dumps({k: round(v) for k, v in raw.items()}), flush=True)
+    results: dict[str, dict[str, float]] = {}
+    for system in args.systems.split(","):
+        try:
+            results[system] = measure(
+                args.dsn, system, args.n, {"procrastinate": args.slow_n}
+            )
+            if system == "pgqueue":
+                results[system].update(pgqueue_extra(args.dsn, args.n))
+        except Exception as exc:  # report the others even if one system fails
+            print(f"{system}: FAILED: {exc}", flush=True)
+            continue
+        print(
+            system,
+            json.dumps({k: round(v, 2) for k, v in results[system].items()}),
+            flush=True,
+        )
+    table = report(raw, results)
+    print()
+    print(table)
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"raw": raw, "systems": results, "n": args.n}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""One benchmark role of one system, run as its own process by compare.py.
+
+    python tests/benchmarks/peers.py SYSTEM ROLE DSN ARG
+
+SYSTEM: pgqueue, pgqueuer, procrastinate. ROLE:
+  setup             install the system's schema
+  enqueue N         print {"enqueue_one": jobs/s, "enqueue_bulk": jobs/s}
+  fill N            enqueue N no-op jobs in bulk
+  drain OUT         run one worker until the queue is empty; write to OUT the
+                    id and wall-clock start of every handler call
+  listen OUT M      run one idle worker until M jobs ran; write the same to OUT
+  produce M         enqueue one job every 20 ms; print {job id: commit time}
+
+Each system runs with the settings its documentation recommends for
+throughput: pgqueue -c 500 --prefetch 500 (one process), PgQueuer with
+asyncpg and batch_size=500, procrastinate concurrency=10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BULK_CHUNK = 10_000
+calls: list[tuple[int, float]] = []  # (job id, handler start), this process
+
+
+def _write(out: str) -> None:
+    Path(out).write_text(json.dumps(calls))
+
+
+def _timed(n: int, func: Any) -> float:
+    started = time.perf_counter()
+    func()
+    return n / (time.perf_counter() - started)
+
+
+# -- pgqueue --------------------------------------------------------------------
+
+
+def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
+    import psycopg
+
+    import pgqueue
+    from pgqueue import migrations
+    from pgqueue.log import configure
+
+    configure("warning")  # as `pgqueue worker --log-level warning`
+    app = pgqueue.App(dsn)
+    stop_after = int(extra or 0)
+    worker: pgqueue.Worker | None = None
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        calls.append((ctx.job.id, time.time()))
+        if worker is not None and stop_after and len(calls) >= stop_after:
+            worker.stop()
+
+    if role == "setup":
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrations.migrate(conn)
+        return None
+    if role in ("enqueue", "fill"):
+        n = int(arg)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+
+            def bulk() -> None:
+                for i in range(0, n, BULK_CHUNK):
+                    with conn.transaction():
+                        noop.enqueue_many(conn, [{}] * min(BULK_CHUNK, n - i))
+
+            if role == "fill":
+                bulk()
+                return None
+
+            def one_by_one() -> None:
+                for _ in range(n):
+                    noop.enqueue(conn)
+
+            return {
+                "enqueue_one": _timed(n, one_by_one),
+                "enqueue_bulk": _timed(n, bulk),
+            }
+    if role == "drain":
+        pgqueue.Worker(
+            app, concurrency=500, prefetch=500, until_empty=True, handle_signals=False
+        ).run()
+        _write(arg)
+        return None
+    if role == "listen":
+        worker = pgqueue.Worker(app, concurrency=10, handle_signals=False)
+        worker.run()
+        _write(arg)
+        return None
+    if role == "produce":
+        committed = {}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(int(arg)):
+                job_id = noop.enqueue(conn)
+                committed[job_id] = time.time()
+                time.sleep(0.02)
+        return committed
+    raise SystemExit(f"unknown role {role}")
+
+
+# -- PgQueuer -------------------------------------------------------------------
+
+
+async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries, QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    # asyncpg: the driver PgQueuer's documentation leads with, and faster here
+    # than its psycopg driver.
+    conn = await asyncpg.connect(dsn)
+    queries = Queries(AsyncpgDriver(conn))
+    if role == "setup":
+        await queries.install()
+        return None
+    if role in ("enqueue", "fill"):
+        n = int(arg)
+
+        async def bulk() -> None:
+            for i in range(0, n, BULK_CHUNK):
+                k = min(BULK_CHUNK, n - i)
+                await queries.enqueue(["noop"] * k, [None] * k, [0] * k)
+
+        if role == "fill":
+            await bulk()
+            return None
+        started = time.perf_counter()
+        for _ in range(n):
+            await queries.enqueue("noop", None)
+        one = n / (time.perf_counter() - started)
+        started = time.perf_counter()
+        await bulk()
+        return {"enqueue_one": one, "enqueue_bulk": n / (time.perf_counter() - started)}
+    if role == "produce":
+        committed = {}
+        for _ in range(int(arg)):
+            [job_id] = await queries.enqueue("noop", None)
+            committed[int(job_id)] = time.time()
+            await asyncio.sleep(0.02)
+        return committed
+    qm = QueueManager(queries)
+    stop_after = int(extra or 0)
+
+    @qm.entrypoint("noop")
+    async def noop(job: Any) -> None:
+        calls.append((int(job.id), time.time()))
+        if stop_after and len(calls) >= stop_after:
+            qm.shutdown.set()
+
+    if role == "drain":
+        await qm.run(batch_size=500, mode=QueueExecutionMode.drain)
+    elif role == "listen":
+        await qm.run(
+            batch_size=10, dequeue_timeout=__import__("datetime").timedelta(seconds=5)
+        )
+    _write(arg)
+    return None
+
+
+# -- procrastinate ----------------------------------------------------------------
+
+
+async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+    stop_after = int(extra or 0)
+    done = asyncio.Event()
+
+    @app.task(name="noop", pass_context=True)
+    async def noop(context: Any) -> None:
+        calls.append((int(context.job.id), time.time()))
+        if stop_after and len(calls) >= stop_after:
+            done.set()
+
+    async with app.open_async():
+        if role == "setup":
+            await app.schema_manager.apply_schema_async()
+            return None
+        if role in ("enqueue", "fill"):
+            n = int(arg)
+
+            async def bulk() -> None:
+                for i in range(0, n, BULK_CHUNK):
+                    await noop.batch_defer_async(*[{}] * min(BULK_CHUNK, n - i))
+
+            if role == "fill":
+                await bulk()
+                return None
+            started = time.perf_counter()
+            for _ in range(n):
+                await noop.defer_async()
+            one = n / (time.perf_counter() - started)
+            started = time.perf_counter()
+            await bulk()
+            return {
+                "enqueue_one": one,
+                "enqueue_bulk": n / (time.perf_counter() - started),
+            }
+        if role == "produce":
+            committed = {}
+            for _ in range(int(arg)):
+                job_id = await noop.defer_async()
+                committed[int(job_id)] = time.time()
+                await asyncio.sleep(0.02)
+            return committed
+        if role == "drain":
+            await app.run_worker_async(
+                concurrency=10, wait=False, install_signal_handlers=False
+            )
+        elif role == "listen":
+            runner = asyncio.create_task(
+                app.run_worker_async(concurrency=10, install_signal_handlers=False)
+            )
+            await done.wait()
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+    _write(arg)
+    return None
+
+
+def main() -> None:
+    system, role, dsn, arg = sys.argv[1:5]
+    extra = sys.argv[5] if len(sys.argv) > 5 else None
+    if system == "pgqueue":
+        result = pgqueue_main(role, dsn, arg, extra)
+    elif system == "pgqueuer":
+        result = asyncio.run(pgqueuer_main(role, dsn, arg, extra))
+    elif system == "procrastinate":
+        result = asyncio.run(procrastinate_main(role, dsn, arg, extra))
+    else:
+        raise SystemExit(f"unknown system {system}")
+    if result is not None:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
