@@ -43,6 +43,14 @@ def business(ctx: JobContext) -> None:
     ctx.conn.execute("insert into bench_business (job_id) values (%s)", [ctx.job.id])
 
 
+@app.task()
+async def business_async(ctx: JobContext) -> None:
+    """The same with an async handler (no thread hand-off per job)."""
+    await ctx.conn.execute(
+        "insert into bench_business (job_id) values (%s)", [ctx.job.id]
+    )
+
+
 @app.task(transactional=False)
 async def stamp(ctx: JobContext) -> float:
     """Return the wall-clock time the handler started (pickup latency)."""
@@ -133,7 +141,7 @@ def _drain_rate(conn: psycopg.Connection[Any], n: int, task: str) -> float:
     done, first_try, seconds = row
     if done != n or first_try != n:
         raise RuntimeError(f"{task}: {done} of {n} jobs succeeded ({first_try} once)")
-    if task == "business":
+    if task.startswith("business"):
         rows = _one(conn, "select count(*) from bench_business")
         if rows != n:
             raise RuntimeError(f"business rows: {rows}, expected {n}")
@@ -198,16 +206,17 @@ def bench_drain(dsn: str, n: int, out: Results) -> None:
 
 def bench_business(dsn: str, n: int, out: Results) -> None:
     """Drain n transactional jobs that each insert one business row."""
-    for processes in (1, 2):
-        _fill(dsn, n, "business")
-        _run_workers(dsn, processes, "-c", "8", "--prefetch", "8")
-        with _connect(dsn) as conn:
-            out.add(
-                f"business_{processes}proc",
-                _drain_rate(conn, n, "business"),
-                f"jobs/s, {processes} worker process(es), -c 8 --prefetch 8, "
-                "one business row per job in the job's transaction",
-            )
+    for task, kind in (("business", "sync"), ("business_async", "async")):
+        for processes in (1, 2):
+            _fill(dsn, n, task)
+            _run_workers(dsn, processes, "-c", "8", "--prefetch", "8")
+            with _connect(dsn) as conn:
+                out.add(
+                    f"{task}_{processes}proc",
+                    _drain_rate(conn, n, task),
+                    f"jobs/s, {processes} worker process(es), -c 8 --prefetch 8, "
+                    f"{kind} handler, one business row per job in its transaction",
+                )
 
 
 _STAMPED = _q("select count(*) from {schema}.finished_jobs where task = 'stamp'")

@@ -117,7 +117,13 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
 
     # asyncpg: the driver PgQueuer's documentation leads with, and faster here
     # than its psycopg driver.
-    conn = await asyncpg.connect(dsn)
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(dsn)  # asyncpg takes keywords, not a libpq string
+    conn = await asyncpg.connect(
+        host=info.get("host"), port=info.get("port"), user=info.get("user"),
+        database=info.get("dbname"), password=info.get("password"),
+    )  # fmt: skip
     queries = Queries(AsyncpgDriver(conn))
     if role == "setup":
         await queries.install()
