@@ -64,6 +64,8 @@ def _connect() -> psycopg.Connection[Any]:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
         _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+    except psycopg.ProgrammingError as exc:  # a DSN libpq cannot parse
+        _fail(f"invalid connection string: {str(exc).strip()}")
 
 
 def _app() -> App:
@@ -412,6 +414,6 @@ def main() -> None:
         # keeps a user error to one line.
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except psycopg.OperationalError as exc:
+    except psycopg.Error as exc:
         typer.echo(f"error: database: {str(exc).strip()}", err=True)
         sys.exit(1)
