@@ -1,0 +1,350 @@
+"""Running one job: call its handler, then complete or fail it.
+
+`JobExecution` is the part of :class:`pgqueue.worker.Worker` that runs a leased
+job: transactional handlers inside a transaction that also completes the job
+(fenced by the lease token), non-transactional ones with a buffered
+completion, sync handlers in threads, and per-task timeouts. Failures are
+recorded in a separate transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import _sql, serialization
+from pgqueue.app import App
+from pgqueue.context import JobContext
+from pgqueue.errors import (
+    ArgumentsNotSerializable,
+    JobTimeout,
+    LeaseLost,
+    Retry,
+)
+from pgqueue.jobs import Job
+from pgqueue.retry import ExponentialBackoff
+from pgqueue.tasks import Task, check_args
+
+_DEFAULT_RETRY = ExponentialBackoff()
+FLUSH_MAX = 2000  # completions per statement
+
+
+def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
+    """complete_one's PQ004 as LeaseLost; None for any other error."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == "PQ004":
+        return LeaseLost(str(exc.diag.message_primary), job_id=job.id)
+    return None
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One job in flight in this worker."""
+
+    job: Job
+    started: float
+    future: asyncio.Future[Any] | None = None
+    sync_conn: psycopg.Connection[Any] | None = None
+    timed_out: bool = False
+    abandoned: bool = False  # handed back at shutdown: must not complete
+    lease_lost: bool = False
+
+
+@dataclass(slots=True)
+class Counters:
+    """What this worker has done so far (read by tests and the final log line)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    lease_lost: int = 0
+    leased: int = 0
+    lease_calls: int = 0
+
+
+class JobExecution:
+    """Run leased jobs; mixed into Worker, whose state it uses."""
+
+    app: App
+    worker_id: str
+    counters: Counters
+    _stmts: _sql.Statements
+    _log: Any
+    _loop: asyncio.AbstractEventLoop | None
+    _pool: AsyncConnectionPool | None
+    _executor: ThreadPoolExecutor | None
+    _local: threading.local
+    _thread_conns: list[psycopg.Connection[Any]]
+    _thread_conns_lock: threading.Lock
+    _done: list[tuple[Attempt, str | None]]
+    _flush: asyncio.Event | None
+    # Worker's: run one statement on a pooled connection and return its rows.
+    _fetch: Callable[[str, list[Any]], Awaitable[list[tuple[Any, ...]]]]
+
+    def _context(self, job: Job, conn: Any) -> JobContext:
+        return JobContext(
+            job=job,
+            conn=conn,
+            worker_id=self.worker_id,
+            logger=self._log,
+        )
+
+    def _bind_args(self, task: Task, job: Job) -> dict[str, Any]:
+        """The job's arguments as keywords, checked against the handler."""
+        if type(job.args) is not dict:
+            raise ArgumentsNotSerializable(
+                f"job {job.id} has arguments of JSON type {type(job.args).__name__}; "
+                "a task takes a JSON object of keyword arguments"
+            )
+        check_args(task, job.args)
+        return job.args
+
+    async def _run(self, attempt: Attempt) -> None:
+        job = self._log_started(attempt)
+        task: Task | None = None
+        try:
+            task = self.app.get_task(job.task)
+            args = self._bind_args(task, job)
+            if task.is_async:
+                await self._run_async(attempt, task, args)
+            else:
+                await self._run_sync(attempt, task, args)
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost:
+            self._lease_was_lost(attempt)
+        except Exception as exc:
+            await self._fail(attempt, task, exc)
+
+    def _log_started(self, attempt: Attempt) -> Job:
+        job = attempt.job
+        self._log.info(
+            "job_started",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+        )
+        return job
+
+    async def _run_async(
+        self, attempt: Attempt, task: Task, args: dict[str, Any]
+    ) -> None:
+        job = attempt.job
+        if not task.transactional:
+            result = await self._within_timeout(
+                task, task.func(self._context(job, None), **args)
+            )
+            self._completed_later(attempt, self._result_json(result))
+            return
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            await conn.execute("begin")
+            try:
+                result = await self._within_timeout(
+                    task, task.func(self._context(job, conn), **args)
+                )
+                payload = self._result_json(result)
+                # Completion and COMMIT in one round trip: complete_one raises
+                # when the lease was lost, and the COMMIT then rolls back.
+                async with conn.pipeline():
+                    await conn.execute(
+                        self._stmts.complete_one, [job.id, job.lease_token, payload]
+                    )
+                    await conn.execute("commit")
+            except BaseException as exc:
+                if not conn.closed:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("rollback")
+                lost = _lease_error(exc, job)
+                if lost is not None:
+                    raise lost from exc
+                raise
+        self._log_succeeded(attempt)
+
+    async def _within_timeout(self, task: Task, coro: Any) -> Any:
+        if task.timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, task.timeout)
+        except TimeoutError:
+            raise JobTimeout(
+                f"{task.name} ran longer than its timeout of {task.timeout} s"
+            ) from None
+
+    async def _run_sync(
+        self, attempt: Attempt, task: Task, args: dict[str, Any]
+    ) -> None:
+        assert self._loop is not None and self._executor is not None
+        future = self._loop.run_in_executor(
+            self._executor, self._call_sync, attempt, task, args
+        )
+        done, _ = await asyncio.wait({future}, timeout=task.timeout)
+        if not done:
+            # A thread cannot be killed: fail the attempt now, interrupt its query,
+            # and keep its slot until it returns. Its transaction never commits:
+            # the timed_out flag stops the completion, and fencing would too.
+            attempt.timed_out = True
+            if attempt.sync_conn is not None:
+                with contextlib.suppress(Exception):
+                    attempt.sync_conn.cancel_safe(timeout=1.0)
+            await self._fail(
+                attempt,
+                task,
+                JobTimeout(
+                    f"{task.name} ran longer than its timeout of {task.timeout} s"
+                ),
+            )
+            with contextlib.suppress(BaseException):
+                await future
+            return
+        payload = future.result()
+        if task.transactional:
+            self._log_succeeded(attempt)
+        else:
+            self._completed_later(attempt, payload)
+
+    def _call_sync(
+        self, attempt: Attempt, task: Task, args: dict[str, Any]
+    ) -> str | None:
+        """Run a sync handler (in a pool thread). Returns the result's JSON."""
+        job = attempt.job
+        if not task.transactional:
+            return self._result_json(task.func(self._context(job, None), **args))
+        conn = self._thread_connection()
+        attempt.sync_conn = conn
+        try:
+            conn.execute("begin")
+            result = task.func(self._context(job, conn), **args)
+            payload = self._result_json(result)
+            if attempt.timed_out or attempt.abandoned:
+                raise JobTimeout("the attempt was abandoned; rolled back")
+            # As in _run_async: completion and COMMIT in one round trip.
+            with conn.pipeline():
+                conn.execute(
+                    self._stmts.complete_one, [job.id, job.lease_token, payload]
+                )
+                conn.execute("commit")
+            return payload
+        except BaseException as exc:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("rollback")
+            lost = _lease_error(exc, job)
+            if lost is not None:
+                raise lost from exc
+            raise
+        finally:
+            attempt.sync_conn = None
+
+    def _thread_connection(self) -> psycopg.Connection[Any]:
+        """This pool thread's own connection, opened on first use.
+
+        Each handler thread keeps one connection rather than borrowing from a
+        pool: a checkout and return per job cost more than the job's own SQL.
+        """
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = psycopg.connect(
+                self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+            )
+            self._local.conn = conn
+            with self._thread_conns_lock:
+                self._thread_conns.append(conn)
+        return conn
+
+    def _result_json(self, result: Any) -> str | None:
+        if result is None:
+            return None
+        return serialization.dumps(
+            result, what="result", max_bytes=self.app.max_payload_bytes
+        )
+
+    def _completed_later(self, attempt: Attempt, payload: str | None) -> None:
+        """Buffer a non-transactional completion; the flusher writes it."""
+        assert self._flush is not None
+        self._done.append((attempt, payload))
+        self._flush.set()
+
+    def _log_succeeded(self, attempt: Attempt) -> None:
+        job = attempt.job
+        self.counters.succeeded += 1
+        self._log.info(
+            "job_succeeded",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+            duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
+        )
+
+    def _lease_was_lost(self, attempt: Attempt) -> None:
+        job = attempt.job
+        self.counters.lease_lost += 1
+        self._log.warning(
+            "job_lease_lost",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempts + 1,
+            detail="the lease expired or moved; this attempt's result was discarded",
+        )
+
+    async def _fail(
+        self, attempt: Attempt, task: Task | None, exc: BaseException
+    ) -> None:
+        """Record a failed attempt in its own transaction (retry or dead)."""
+        job = attempt.job
+        if attempt.abandoned:
+            return
+        number = job.attempts + 1
+        if isinstance(exc, Retry) and exc.after is not None:
+            delay = exc.after
+        else:
+            delay = (task.retry if task else _DEFAULT_RETRY).delay(number)
+        error = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "kind": type(exc).__name__,
+            "traceback": "".join(traceback.format_exception(exc))[-8000:].replace(
+                "\x00", ""
+            ),
+        }
+        payload = serialization.dumps(error, what="error")
+        state = None
+        for pause in (0.0, 0.2, 1.0):
+            await asyncio.sleep(pause)
+            try:
+                rows = await self._fetch(
+                    self._stmts.fail, [job.id, job.lease_token, payload, delay]
+                )
+                state = rows[0][0] if rows else None
+                break
+            except Exception as db_exc:
+                self._log.warning(
+                    "fail_not_recorded", job_id=job.id, error=repr(db_exc)
+                )
+        else:
+            return  # the lease will expire and reap will count the attempt
+        if state is None:
+            self._lease_was_lost(attempt)
+            return
+        self.counters.failed += 1
+        self._log.warning(
+            "job_failed",
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=number,
+            duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
+            error=error["error"],
+            state=state,
+            retry_in_s=round(delay, 3) if state == "queued" else None,
+        )
