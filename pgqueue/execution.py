@@ -46,6 +46,16 @@ def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
     return None
 
 
+def _job_fields(job: Job) -> dict[str, Any]:
+    """The keys every job log event carries."""
+    return {
+        "job_id": job.id,
+        "task": job.task,
+        "queue": job.queue,
+        "attempt": job.attempts + 1,
+    }
+
+
 @dataclass(eq=False, slots=True)
 class Attempt:
     """One job in flight in this worker."""
@@ -128,10 +138,7 @@ class JobExecution:
         job = attempt.job
         self._log.info(
             "job_started",
-            job_id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=job.attempts + 1,
+            **_job_fields(job),
         )
         return job
 
@@ -279,10 +286,7 @@ class JobExecution:
         self.counters.succeeded += 1
         self._log.info(
             "job_succeeded",
-            job_id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=job.attempts + 1,
+            **_job_fields(job),
             duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
         )
 
@@ -291,10 +295,7 @@ class JobExecution:
         self.counters.lease_lost += 1
         self._log.warning(
             "job_lease_lost",
-            job_id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=job.attempts + 1,
+            **_job_fields(job),
             detail="the lease expired or moved; this attempt's result was discarded",
         )
 
@@ -339,10 +340,7 @@ class JobExecution:
         self.counters.failed += 1
         self._log.warning(
             "job_failed",
-            job_id=job.id,
-            task=job.task,
-            queue=job.queue,
-            attempt=number,
+            **_job_fields(job),
             duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
             error=error["error"],
             state=state,

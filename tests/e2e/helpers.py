@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PGQUEUE = [sys.executable, "-m", "pgqueue"]
@@ -48,19 +45,6 @@ def start_worker(dsn: str, app: str, *args: str, cwd: Path) -> subprocess.Popen[
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def wait_until(
-    check: Callable[[], Any], timeout: float = 30.0, every: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(every)
 
 
 APP_MODULE = """

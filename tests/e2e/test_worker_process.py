@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from .helpers import cli, start_worker, wait_until, write_app
+from ..waiting import wait_until
+from .helpers import cli, start_worker, write_app
 
 Conn = psycopg.Connection[Any]
 

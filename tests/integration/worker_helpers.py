@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pgqueue
+
+from ..waiting import wait_until
+
+__all__ = ["running_worker", "wait_until"]  # tests import both from here
 
 
 @contextmanager
@@ -35,17 +38,3 @@ def running_worker(app: pgqueue.App, **options: Any) -> Iterator[pgqueue.Worker]
         assert not thread.is_alive(), "worker did not stop"
         if errors:
             raise errors[0]
-
-
-def wait_until(
-    check: Callable[[], Any], timeout: float = 20.0, every: float = 0.02
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(every)

@@ -13,8 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,24 +112,6 @@ class Fleet:
         return "\n".join(
             log.read_text(errors="replace") for log in self.logs if log.exists()
         )
-
-
-def wait_until(
-    check: Callable[[], Any],
-    timeout: float,
-    every: float = 0.2,
-    during: Callable[[], None] | None = None,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        if during:
-            during()
-        time.sleep(every)
 
 
 def all_finished(conn: psycopg.Connection[Any], ids: list[int]) -> bool:

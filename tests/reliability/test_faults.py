@@ -12,23 +12,17 @@ from typing import Any
 import psycopg
 import pytest
 
+from ..waiting import wait_until
 from .harness import (
     Fleet,
     all_finished,
     check_exactly_once,
     enqueue,
     setup_business,
-    wait_until,
 )
 
 Conn = psycopg.Connection[Any]
 JOBS = int(os.environ.get("PGQUEUE_FAULT_JOBS", "1500"))
-
-
-@pytest.fixture
-def business(conn: Conn) -> Conn:
-    setup_business(conn)
-    return conn
 
 
 @pytest.mark.slow

@@ -16,23 +16,17 @@ import psutil
 import psycopg
 import pytest
 
+from ..waiting import wait_until
 from .harness import (
     Fleet,
     all_finished,
     check_exactly_once,
     enqueue,
     setup_business,
-    wait_until,
 )
 
 Conn = psycopg.Connection[Any]
 BACKLOG = int(os.environ.get("PGQUEUE_BACKLOG", "100000"))
-
-
-@pytest.fixture
-def business(conn: Conn) -> Conn:
-    setup_business(conn)
-    return conn
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
