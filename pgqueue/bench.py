@@ -206,15 +206,25 @@ def bench_drain(dsn: str, n: int, out: Results) -> None:
 
 def bench_business(dsn: str, n: int, out: Results) -> None:
     """Drain n transactional jobs that each insert one business row."""
-    for task, kind in (("business", "sync"), ("business_async", "async")):
+    variants = (
+        ("business", "business", "sync", ("-c", "8", "--prefetch", "8")),
+        ("business_async", "business_async", "async", ("-c", "8", "--prefetch", "8")),
+        (
+            "business_batched",
+            "business",
+            "sync",
+            ("-c", "64", "--prefetch", "64", "--tx-batch", "16"),
+        ),
+    )
+    for name, task, kind, options in variants:
         for processes in (1, 2):
             _fill(dsn, n, task)
-            _run_workers(dsn, processes, "-c", "8", "--prefetch", "8")
+            _run_workers(dsn, processes, *options)
             with _connect(dsn) as conn:
                 out.add(
-                    f"{task}_{processes}proc",
+                    f"{name}_{processes}proc",
                     _drain_rate(conn, n, task),
-                    f"jobs/s, {processes} worker process(es), -c 8 --prefetch 8, "
+                    f"jobs/s, {processes} worker process(es), {' '.join(options)}, "
                     f"{kind} handler, one business row per job in its transaction",
                 )
 

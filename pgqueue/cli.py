@@ -123,6 +123,12 @@ def worker(
     prefetch: Annotated[
         int, typer.Option(min=0, help="Jobs leased ahead of free slots (short jobs).")
     ] = 0,
+    tx_batch: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Sync transactional jobs per shared transaction (savepoints)."
+        ),
+    ] = 1,
     lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
     grace: Annotated[
@@ -163,6 +169,7 @@ def worker(
             queues=queue or ["default"],
             concurrency=concurrency,
             prefetch=prefetch,
+            tx_batch=tx_batch,
             lease_seconds=lease,
             poll_interval=poll_interval,
             shutdown_grace=grace,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import traceback
@@ -34,6 +35,7 @@ from pgqueue.errors import (
 from pgqueue.jobs import Job
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
+from pgqueue.txbatch import BatchItem, TxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
 FLUSH_MAX = 2000  # completions per statement
@@ -67,6 +69,7 @@ class Attempt:
     timed_out: bool = False
     abandoned: bool = False  # handed back at shutdown: must not complete
     lease_lost: bool = False
+    completing: bool = False  # completed in a batch transaction not yet committed
 
 
 @dataclass(slots=True)
@@ -96,6 +99,7 @@ class JobExecution:
     _thread_conns_lock: threading.Lock
     _done: list[tuple[Attempt, str | None]]
     _flush: asyncio.Event | None
+    _tx_batcher: TxBatcher | None
     # Worker's: run one statement on a pooled connection and return its rows.
     _fetch: Callable[[str, list[Any]], Awaitable[list[tuple[Any, ...]]]]
 
@@ -191,9 +195,21 @@ class JobExecution:
         self, attempt: Attempt, task: Task, args: dict[str, Any]
     ) -> None:
         assert self._loop is not None and self._executor is not None
-        future = self._loop.run_in_executor(
-            self._executor, self._call_sync, attempt, task, args
-        )
+        future: asyncio.Future[str | None]
+        if task.transactional and self._tx_batcher is not None:
+            future = self._loop.create_future()
+            self._tx_batcher.submit(
+                BatchItem(
+                    run=functools.partial(self._run_in_batch, attempt, task, args),
+                    is_dropped=lambda: attempt.timed_out or attempt.abandoned,
+                    future=future,
+                    loop=self._loop,
+                )
+            )
+        else:
+            future = self._loop.run_in_executor(
+                self._executor, self._call_sync, attempt, task, args
+            )
         done, _ = await asyncio.wait({future}, timeout=task.timeout)
         if not done:
             # A thread cannot be killed: fail the attempt now, interrupt its query,
@@ -252,6 +268,48 @@ class JobExecution:
         finally:
             attempt.sync_conn = None
 
+    def _run_in_batch(
+        self,
+        attempt: Attempt,
+        task: Task,
+        args: dict[str, Any],
+        conn: psycopg.Connection[Any],
+    ) -> str | None:
+        """Run a sync handler inside a batch's open savepoint (a batch thread)."""
+        job = attempt.job
+        attempt.sync_conn = conn
+        try:
+            result = task.func(self._context(job, conn), **args)
+            payload = self._result_json(result)
+            if attempt.timed_out or attempt.abandoned:
+                raise JobTimeout("the attempt was abandoned; rolled back")
+            attempt.completing = True
+            # complete_one raises when the lease was lost, which skips the rest
+            # of the pipeline; the batch then rolls back to the savepoint.
+            with conn.pipeline():
+                conn.execute(
+                    self._stmts.complete_one, [job.id, job.lease_token, payload]
+                )
+                conn.execute("release savepoint job")
+                conn.execute("savepoint job")
+            return payload
+        except BaseException as exc:
+            attempt.completing = False
+            lost = _lease_error(exc, job)
+            if lost is not None:
+                raise lost from exc
+            raise
+        finally:
+            attempt.sync_conn = None
+
+    def _new_connection(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+        )
+        with self._thread_conns_lock:
+            self._thread_conns.append(conn)
+        return conn
+
     def _thread_connection(self) -> psycopg.Connection[Any]:
         """This pool thread's own connection, opened on first use.
 
@@ -260,12 +318,7 @@ class JobExecution:
         """
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken:
-            conn = psycopg.connect(
-                self.app.dsn, autocommit=True, application_name="pgqueue-worker"
-            )
-            self._local.conn = conn
-            with self._thread_conns_lock:
-                self._thread_conns.append(conn)
+            conn = self._local.conn = self._new_connection()
         return conn
 
     def _result_json(self, result: Any) -> str | None:

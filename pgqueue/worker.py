@@ -39,6 +39,7 @@ from pgqueue.errors import (
 from pgqueue.execution import FLUSH_MAX, Attempt, Counters, JobExecution
 from pgqueue.jobs import Job
 from pgqueue.log import get_logger
+from pgqueue.txbatch import TxBatcher
 
 
 class Worker(JobExecution):
@@ -51,6 +52,8 @@ class Worker(JobExecution):
         prefetch: jobs leased ahead of free slots, started the moment a slot
             frees. Raises the throughput of short jobs; keep it 0 for long ones,
             so that jobs wait in the queue where an idle worker can take them.
+        tx_batch: up to this many sync transactional jobs share one transaction,
+            each in its own savepoint (see pgqueue/txbatch.py); 1 is off.
         lease_seconds: lease length; heartbeats renew it every third of it. A
             crashed worker's jobs run again this long after its last heartbeat.
         poll_interval: the longest wait between two looks at the queue when no
@@ -69,6 +72,7 @@ class Worker(JobExecution):
         queues: list[str] | tuple[str, ...] = ("default",),
         concurrency: int = 10,
         prefetch: int = 0,
+        tx_batch: int = 1,
         lease_seconds: float = 30.0,
         poll_interval: float = 1.0,
         shutdown_grace: float = 30.0,
@@ -80,8 +84,10 @@ class Worker(JobExecution):
         worker_id: str | None = None,
         handle_signals: bool = True,
     ) -> None:
-        if concurrency < 1 or prefetch < 0:
-            raise ConfigurationError("concurrency must be >= 1 and prefetch >= 0")
+        if concurrency < 1 or prefetch < 0 or tx_batch < 1:
+            raise ConfigurationError(
+                "concurrency and tx_batch must be >= 1, prefetch >= 0"
+            )
         if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
         if not queues:
@@ -92,6 +98,7 @@ class Worker(JobExecution):
         self.queues = [check_queue(q) for q in dict.fromkeys(queues)]
         self.concurrency = concurrency
         self.prefetch = prefetch
+        self.tx_batch = tx_batch
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
@@ -125,6 +132,7 @@ class Worker(JobExecution):
         self._thread_conns: list[psycopg.Connection[Any]] = []
         self._thread_conns_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._tx_batcher: TxBatcher | None = None
 
     # -- public control ---------------------------------------------------------
 
@@ -163,6 +171,14 @@ class Worker(JobExecution):
         if any(not t.is_async for t in tasks):
             self._executor = ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
+            )
+        if self.tx_batch > 1 and any(not t.is_async and t.transactional for t in tasks):
+            # concurrency slots shared by batches of tx_batch: fewer threads (and
+            # connections) than slots, so jobs wait where a batch can take them.
+            self._tx_batcher = TxBatcher(
+                self._new_connection,
+                threads=-(-self.concurrency // self.tx_batch),
+                max_jobs=self.tx_batch,
             )
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -349,7 +365,13 @@ class Worker(JobExecution):
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            running = [a for a in self._running.values() if not a.timed_out]
+            # Jobs completed in a batch not yet committed hold their row locks;
+            # they are skipped (the reaper skips locked rows too).
+            running = [
+                a
+                for a in self._running.values()
+                if not a.timed_out and not a.completing
+            ]
             held = [a.job for a in running]
             held += [a.job for a, _ in self._done]
             held += self._ready
@@ -430,6 +452,8 @@ class Worker(JobExecution):
             await self._execute(self._stmts.unregister_worker, [self.worker_id])
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._tx_batcher is not None:
+            self._tx_batcher.stop()
         with self._thread_conns_lock:
             for conn in self._thread_conns:
                 with contextlib.suppress(Exception):

@@ -661,11 +661,18 @@ set enable_nestloop = off  -- see complete()
 set jit = off
 as $$
     update "pgqueue".workers set last_seen = now() where id = p_worker;
+    -- SKIP LOCKED: a row locked by a completion not yet committed (a batch of
+    -- transactional jobs, txbatch.py) is skipped rather than waited for, so one
+    -- long transaction never stalls the heartbeat of every other job.
     update "pgqueue".jobs j
        set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-      from unnest(p_ids, p_tokens) as t(id, token)
-     where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
-       and j.state = 'running'
+     where j.id = any(array(
+               select h.id
+                 from "pgqueue".jobs h
+                 join unnest(p_ids, p_tokens) as t(id, token)
+                   on h.id = t.id and h.lease_token = t.token
+                where h.id = any(p_ids) and h.state = 'running'
+                  for update of h skip locked))
     returning j.id
 $$;
 comment on function "pgqueue".heartbeat(

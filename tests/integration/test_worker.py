@@ -346,3 +346,41 @@ def test_until_empty_drains_and_returns(dsn: str, conn: Conn) -> None:
         "select queued, running, succeeded from pgqueue.queue_depth"
     ).fetchone()
     assert depth == (0, 0, 300)
+
+
+def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> None:
+    """Jobs sharing a transaction (savepoints): a failure or a lost lease undoes
+    only that job's writes; the others commit with their completions."""
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=2, retry=FAST_RETRY)
+    def record(ctx: pgqueue.JobContext, n: int) -> None:
+        ctx.conn.execute(
+            "insert into business values (%s, %s)", [ctx.job.id, f"n{n} a{ctx.attempt}"]
+        )
+        if n % 5 == 0 and ctx.attempt == 1:
+            raise ValueError("every fifth job fails once")
+        if n == 7 and ctx.attempt == 1:
+            # Another worker reaped this job meanwhile: the completion is fenced.
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute(
+                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s",
+                    [ctx.job.id],
+                )
+                other.execute("select pgqueue.reap()")
+
+    ids = record.enqueue_many(business, [{"n": n} for n in range(40)])
+    with running_worker(app, concurrency=16, prefetch=16, tx_batch=8) as worker:
+        wait_until(lambda: all(finished(business, i) for i in ids), timeout=60)
+    assert worker.counters.lease_lost >= 1
+    done = rows(business)
+    assert [r[0] for r in done] == ids  # one row per job
+    assert all(
+        r[1].endswith("a2")
+        == (int(r[1].split()[0][1:]) % 5 == 0 or r[1].startswith("n7 "))
+        for r in done
+    )
+    states = business.execute(
+        "select state::text, count(*) from pgqueue.jobs_overview group by 1"
+    ).fetchall()
+    assert states == [("succeeded", 40)]

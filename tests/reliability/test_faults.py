@@ -26,11 +26,16 @@ JOBS = int(os.environ.get("PGQUEUE_FAULT_JOBS", "1500"))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [("-c", "4"), ("-c", "16", "--tx-batch", "8")],
+    ids=["one-per-transaction", "tx-batch"],
+)
 def test_crash_under_load_loses_nothing_and_duplicates_nothing(
-    dsn: str, business: Conn, tmp_path: Path
+    dsn: str, business: Conn, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     ids = enqueue(business, JOBS, sleep=0.002)
-    fleet = Fleet(dsn, tmp_path, "-c", "4", "--lease", "2", "--prefetch", "4")
+    fleet = Fleet(dsn, tmp_path, *options, "--lease", "2", "--prefetch", "4")
     fleet.start(3)
     kills = 0
     try:
