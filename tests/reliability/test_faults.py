@@ -91,11 +91,14 @@ def test_backends_terminated_repeatedly_workers_reconnect(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "options", [(), ("--tx-batch", "4")], ids=["one-per-transaction", "tx-batch"]
+)
 def test_frozen_worker_is_fenced_when_it_wakes(
-    dsn: str, business: Conn, tmp_path: Path
+    dsn: str, business: Conn, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     [job] = enqueue(business, 1, sleep=1.0)
-    frozen = Fleet(dsn, tmp_path, "--lease", "1.5")
+    frozen = Fleet(dsn, tmp_path, "--lease", "1.5", *options)
     [proc] = frozen.start(1)
     try:
         wait_until(
