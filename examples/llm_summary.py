@@ -1,60 +1,65 @@
-"""An async, non-transactional task that simulates a slow LLM call.
+"""A slow, async call to a language model, run as a non-transactional task.
 
-Non-transactional tasks hold no database transaction while they wait on the
-network; the worker's heartbeats keep their leases alive, and the return value
-is stored as the job's result (pgqueue.finished_jobs.result).
+A model call can take many seconds. Holding a database transaction open for
+that long would pin a connection and hold back vacuum, so the task is declared
+`transactional=False`: the worker keeps the job's lease alive with heartbeats
+while the handler awaits, then records the return value as the job's result.
+`timeout` bounds one attempt: a call that hangs is abandoned and retried.
 
     export PGQUEUE_DSN=postgresql://localhost/mydb
     pgqueue migrate
-    python examples/llm_summary.py 20              # enqueue 20 documents
+    python examples/llm_summary.py 20     # enqueue 20 documents
     pgqueue worker examples.llm_summary:app --queue llm --concurrency 20 --until-empty
-    psql "$PGQUEUE_DSN" -c "select result from pgqueue.finished_jobs"
+    psql "$PGQUEUE_DSN" -c "select id, result from pgqueue.jobs_overview
+                            where task = 'summarize' and state = 'succeeded'"
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import sys
 
 import pgqueue
 
-app = pgqueue.App()
+app = pgqueue.App()  # the DSN comes from PGQUEUE_DSN
+
+DOCUMENT = (
+    "pgqueue keeps background jobs in PostgreSQL, so a job is enqueued in the "
+    "same transaction as the data that caused it and runs at least once."
+)
 
 
-async def fake_llm(prompt: str) -> str:
-    # Stands in for an HTTP call to a model: slow, and sometimes flaky.
-    await asyncio.sleep(random.uniform(0.2, 0.6))
-    if random.random() < 0.1:
-        raise ConnectionError("model endpoint timed out")
+async def call_model(prompt: str) -> str:
+    """Stand-in for an HTTP request to a model API."""
+    await asyncio.sleep(0.3)  # the network and the model's thinking time
     words = prompt.split()
-    return " ".join(words[:8]) + ("..." if len(words) > 8 else "")
+    return " ".join(words[:10]) + (" ..." if len(words) > 10 else "")
 
 
 @app.task(
     queue="llm",
-    transactional=False,  # no transaction held open during the call
-    timeout=30,  # an attempt that hangs is abandoned and retried
-    max_attempts=5,
-    retry=pgqueue.ExponentialBackoff(base=0.5, max_delay=10),
+    transactional=False,  # ctx.conn is None: no transaction while we wait
+    timeout=60,  # give up on an attempt after a minute (it is retried)
+    max_attempts=3,
 )
 async def summarize(
     ctx: pgqueue.JobContext, doc_id: int, text: str
 ) -> dict[str, object]:
-    summary = await fake_llm(text)
-    return {"doc_id": doc_id, "summary": summary, "attempt": ctx.attempt}
+    summary = await call_model(text)
+    # Whatever the handler returns must be JSON; it is stored as the result.
+    return {
+        "doc_id": doc_id,
+        "summary": summary,
+        "words": len(text.split()),
+        "attempt": ctx.attempt,
+    }
 
 
 def main(count: int) -> None:
-    text = (
-        "pgqueue keeps background jobs inside PostgreSQL so they commit with your data"
-    )
+    docs = [{"doc_id": i, "text": f"Document {i}. {DOCUMENT}"} for i in range(count)]
     with app.connect() as conn, conn.transaction():
-        ids = summarize.enqueue_many(
-            conn,
-            [{"doc_id": i, "text": f"{text} (document {i})"} for i in range(count)],
-        )
-    print(f"enqueued {len(ids)} summaries")
+        ids = summarize.enqueue_many(conn, docs)  # one round trip for all
+    print(f"enqueued {len(ids)} summarize jobs on queue 'llm'")
 
 
 if __name__ == "__main__":

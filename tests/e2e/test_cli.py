@@ -1,118 +1,260 @@
-"""The `pgqueue` command line against a real database."""
+"""The `pgqueue` command against a real database: migrate, inspect, manage jobs."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .helpers import ROOT, cli, env_for, write_app
+from pgqueue import migrations
+
+from .helpers import BUSINESS_TABLE, cli, env_for, events, job_row, write_app
 
 Conn = psycopg.Connection[Any]
 
+# The transitions and helpers a DBA's copy of the schema must provide.
+FUNCTIONS = {
+    "enqueue",
+    "enqueue_many",
+    "lease",
+    "complete",
+    "complete_one",
+    "fail",
+    "heartbeat",
+    "reap",
+    "hand_back",
+    "cancel",
+    "retry",
+    "retry_dead",
+    "prune",
+    "next_run_at",
+    "register_worker",
+    "unregister_worker",
+}
+UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 
-def test_migrate_twice_is_a_no_op(dsn: str) -> None:
-    first = cli(dsn, "migrate")
-    assert "up to date" in first.stdout  # the test database is migrated already
-    assert "up to date" in cli(dsn, "migrate").stdout
+
+@pytest.fixture
+def business(conn: Conn) -> Conn:
+    conn.execute(BUSINESS_TABLE)
+    return conn
 
 
-def test_migrate_print_applies_cleanly_elsewhere(dsn: str, server_dsn: str) -> None:
-    script = cli(dsn, "--schema", "printed", "migrate", "--print").stdout
+@pytest.fixture
+def scratch_db(server_dsn: str) -> Iterator[str]:
+    """DSN of an empty database (no pgqueue schema), dropped afterwards."""
+    name = f"pgqueue_e2e_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute("drop database if exists pgqueue_printed")
-        admin.execute("create database pgqueue_printed")
+        admin.execute(f'create database "{name}"')
+    info = conninfo_to_dict(server_dsn)
+    info["dbname"] = name
     try:
-        info = psycopg.conninfo.conninfo_to_dict(server_dsn)
-        info["dbname"] = "pgqueue_printed"
-        with psycopg.connect(**info, autocommit=True) as conn:
-            conn.execute(script.encode())
-            assert conn.execute("select printed.enqueue('t')").fetchone() == (1,)
+        yield make_conninfo("", **info)
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute("drop database pgqueue_printed with (force)")
+            admin.execute(f'drop database if exists "{name}" with (force)')
 
 
-def test_other_schema(dsn: str, conn: Conn) -> None:
-    assert "applied 0001" in cli(dsn, "--schema", "tenant_x", "migrate").stdout
-    job = cli(dsn, "--schema", "tenant_x", "enqueue", "t", "--args", '{"a": 1}').stdout
-    assert conn.execute(
-        "select args from tenant_x.jobs where id = %s", [int(job)]
-    ).fetchone() == ({"a": 1},)
-    conn.execute(sql.SQL("drop schema tenant_x cascade"))
+def functions_in(conn: Conn, schema: str) -> set[str]:
+    rows = conn.execute(
+        "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+        " where n.nspname = %s",
+        [schema],
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
-def test_enqueue_stats_jobs_cancel_retry_round_trip(dsn: str, conn: Conn) -> None:
+# -- migrate ------------------------------------------------------------------
+
+
+def test_migrate_applies_once_then_reports_up_to_date(scratch_db: str) -> None:
+    first = cli(scratch_db, "migrate")
+    expected = [f"applied {m.version:04d}_{m.name}" for m in migrations.load()]
+    assert first.stdout.splitlines() == expected
+    second = cli(scratch_db, "migrate")
+    assert second.stdout.strip() == "schema 'pgqueue' is up to date"
+    with psycopg.connect(scratch_db) as conn:
+        assert conn.execute("select count(*) from pgqueue.migrations").fetchone() == (
+            len(expected),
+        )
+
+
+def test_migrate_print_is_sql_a_dba_can_apply(scratch_db: str) -> None:
+    # --print needs no database at all.
+    script = cli(UNREACHABLE, "migrate", "--print").stdout
+    assert "create function" in script
+    psql = shutil.which("psql")
+    if psql:
+        # The way a DBA would apply it; stops at the first error.
+        subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", scratch_db],
+            input=script,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    else:
+        with psycopg.connect(scratch_db, autocommit=True) as conn:
+            conn.execute(script.encode())
+    with psycopg.connect(scratch_db, autocommit=True) as conn:
+        assert functions_in(conn, "pgqueue") >= FUNCTIONS
+        assert conn.execute("select pgqueue.enqueue('t')").fetchone() == (1,)
+    # The printed script records its versions, so migrate has nothing to do.
+    assert "up to date" in cli(scratch_db, "migrate").stdout
+    assert json.loads(cli(scratch_db, "stats", "--json").stdout)[0]["queued"] == 1
+
+
+def test_schema_option_keeps_a_separate_queue(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    out = cli(dsn, "--schema", "other", "migrate").stdout
+    assert out.splitlines()[0] == "applied 0001_initial"
+    assert "up to date" in cli(dsn, "--schema", "other", "migrate").stdout
+    assert functions_in(business, "other") >= FUNCTIONS
+    script = cli(dsn, "--schema", "other", "migrate", "--print").stdout
+    assert 'create function "other".lease' in script
+    assert '"pgqueue".' not in script
+
     job = int(
-        cli(
-            dsn,
-            "enqueue",
-            "send",
-            "--args",
-            '{"to": "a@b"}',
-            "--queue",
-            "mail",
-            "--priority",
-            "5",
-        ).stdout
+        cli(dsn, "--schema", "other", "enqueue", "record", "--args", '{"n": 5}').stdout
     )
-    later = int(
-        cli(dsn, "enqueue", "send", "--queue", "mail", "--delay", "3600").stdout
+    assert business.execute(
+        "select args from other.jobs where id = %s", [job]
+    ).fetchone() == ({"n": 5},)
+    assert cli(dsn, "stats").stdout.strip() == "no jobs"  # the default schema
+    [row] = json.loads(cli(dsn, "--schema", "other", "stats", "--json").stdout)
+    assert (row["queue"], row["queued"]) == ("default", 1)
+
+    app = write_app(tmp_path)
+    cli(dsn, "--schema", "other", "worker", app, "--until-empty", cwd=tmp_path)
+    assert business.execute("select job_id, n from business").fetchall() == [(job, 5)]
+    shown = json.loads(cli(dsn, "--schema", "other", "jobs", str(job)).stdout)
+    assert shown["state"] == "succeeded" and shown["result"] == {"n": 5}
+
+
+# -- managing jobs --------------------------------------------------------------
+
+
+def test_enqueue_stats_jobs_retry_cancel_prune_round_trip(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+
+    def enqueue(*args: str) -> int:
+        return int(cli(dsn, "enqueue", *args).stdout)
+
+    ok = enqueue("record", "--args", '{"n": 1}', "--queue", "mail", "--priority", "5")
+    later = enqueue(
+        "record", "--args", '{"n": 2}', "--queue", "mail", "--delay", "3600"
     )
-    stats = json.loads(cli(dsn, "stats", "--json").stdout)
-    assert stats == [
-        {
-            "queue": "mail",
-            "queued": 1,
-            "scheduled": 1,
-            "running": 0,
-            "succeeded": 0,
-            "dead": 0,
-            "cancelled": 0,
-            "oldest_queued_s": stats[0]["oldest_queued_s"],
-        }
+    bad = enqueue(
+        "explode", "--args", '{"n": 3}', "--queue", "mail", "--max-attempts", "1"
+    )
+    key = ["--idempotency-key", "k-1", "--queue", "mail"]
+    assert enqueue("record", "--args", '{"n": 1}', *key) == enqueue(
+        "record", "--args", '{"n": 1}', *key
+    )
+    keyed = enqueue("record", "--args", '{"n": 1}', *key)
+
+    [stats] = json.loads(cli(dsn, "stats", "--json").stdout)
+    assert {k: stats[k] for k in ("queue", "queued", "scheduled", "running")} == {
+        "queue": "mail",
+        "queued": 3,
+        "scheduled": 1,
+        "running": 0,
+    }
+    table = cli(dsn, "stats").stdout.splitlines()
+    assert table[0].split() == [
+        "queue",
+        "queued",
+        "scheduled",
+        "running",
+        "succeeded",
+        "dead",
+        "cancelled",
+        "oldest_queued_s",
     ]
-    assert "mail" in cli(dsn, "stats").stdout
+    assert table[2].split()[:7] == ["mail", "3", "1", "0", "0", "0", "0"]
+
     listing = cli(dsn, "jobs", "--queue", "mail").stdout
-    assert str(job) in listing and str(later) in listing
-    assert "cancelled" in cli(dsn, "cancel", str(later)).stdout
-    # Make the first job dead, then retry it from the CLI.
-    conn.execute("select pgqueue.lease(array['mail'], 1, 'w', 60)")
-    token = conn.execute(
-        "select lease_token from pgqueue.jobs where id = %s", [job]
-    ).fetchone()
-    conn.execute("update pgqueue.jobs set max_attempts = 1 where id = %s", [job])
-    conn.execute(
-        """select pgqueue.fail(%s, %s, '{"error": "boom"}', 0)""",
-        [job, token[0] if token else None],
-    )
-    shown = json.loads(cli(dsn, "jobs", str(job)).stdout)
-    assert shown["state"] == "dead" and shown["errors"][0]["error"] == "boom"
-    assert "queued again" in cli(dsn, "retry", str(job)).stdout
-    assert conn.execute(
-        "select state::text, attempts from pgqueue.jobs where id = %s", [job]
-    ).fetchone() == ("queued", 0)
-    assert "0 dead jobs" in cli(dsn, "retry", "--all-dead", "mail").stdout
-    assert "pruned 0" in cli(dsn, "prune").stdout
+    assert {int(line.split()[0]) for line in listing.splitlines()[2:]} == {
+        ok,
+        later,
+        bad,
+        keyed,
+    }
+    scheduled = cli(dsn, "jobs", "--state", "queued", "--task", "explode").stdout
+    assert [int(line.split()[0]) for line in scheduled.splitlines()[2:]] == [bad]
+
+    assert cli(dsn, "cancel", str(later)).stdout.strip() == f"job {later} cancelled"
+    again = cli(dsn, "cancel", str(later), check=False)
+    assert again.returncode == 1
+    assert "only a queued job can be cancelled" in again.stderr
+
+    cli(dsn, "worker", app, "--queue", "mail", "--until-empty", cwd=tmp_path)
+    assert job_row(business, ok)["state"] == "succeeded"
+    # explode's row was rolled back with its failed attempt.
+    assert sorted(business.execute("select job_id from business").fetchall()) == [
+        (ok,),
+        (keyed,),
+    ]
+
+    shown = json.loads(cli(dsn, "jobs", str(bad)).stdout)
+    assert shown["state"] == "dead"
+    assert (shown["attempts"], shown["max_attempts"]) == (1, 1)
+    [error] = shown["errors"]
+    assert error["error"] == "RuntimeError: boom 3"
+    assert "Traceback" in error["traceback"]
+    dead = cli(dsn, "jobs", "--state", "dead").stdout
+    assert [int(line.split()[0]) for line in dead.splitlines()[2:]] == [bad]
+
+    assert cli(dsn, "retry", str(bad)).stdout.strip() == f"job {bad} queued again"
+    row = job_row(business, bad)
+    assert (row["state"], row["attempts"], len(row["errors"])) == ("queued", 0, 1)
+
+    # Dead again, then back with --all-dead; its error history grows.
+    cli(dsn, "worker", app, "--queue", "mail", "--until-empty", cwd=tmp_path)
+    assert job_row(business, bad)["state"] == "dead"
+    out = cli(dsn, "retry", "--all-dead", "mail").stdout
+    assert out.strip() == "1 dead jobs of 'mail' queued again"
+    assert len(job_row(business, bad)["errors"]) == 2
+    cli(dsn, "cancel", str(bad))
+
+    # Everything is finished now: prune with no retention deletes it all.
+    assert cli(dsn, "prune").stdout.strip() == "pruned 0 finished jobs"
+    pruned = cli(dsn, "prune", "--older-than", "0").stdout.strip()
+    assert pruned == "pruned 4 finished jobs"
+    assert cli(dsn, "jobs").stdout.strip() == "no jobs"
+    assert cli(dsn, "stats").stdout.strip() == "no jobs"
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["enqueue", "t", "--args", "{not json"], "not valid JSON"),
+        (["enqueue", "t", "--args", "{not json"], "--args is not valid JSON"),
+        (["enqueue", "t", "--args", "[1, 2]"], "args must be a mapping"),
         (["enqueue", "t", "--queue", "bad queue"], "invalid queue name"),
+        (["enqueue", "bad task"], "invalid task name"),
         (["enqueue", "t", "--run-at", "2030-01-01T00:00:00"], "naive datetime"),
-        (["cancel", "999999"], "not found"),
-        (["retry", "999999"], "not found"),
-        (["retry"], "give a job id"),
-        (["jobs", "999999"], "not found"),
+        (["enqueue", "t", "--run-at", "tomorrow"], "not an ISO 8601 time"),
+        (["jobs", "424242"], "job 424242 not found"),
+        (["cancel", "424242"], "job 424242 not found"),
+        (["retry", "424242"], "job 424242 not found"),
+        (["retry"], "give a job id or --all-dead QUEUE"),
         (["--schema", "Bad-Schema", "stats"], "invalid schema name"),
-        (["worker", "no_such_module:app"], "cannot import"),
-        (["bench", "--workload", "nope"], "unknown workload"),
+        (["--schema", "nowhere", "stats"], "no pgqueue schema 'nowhere'"),
+        (["worker", "no_such_module:app"], "cannot import 'no_such_module'"),
+        (["worker", "json:app"], "'json:app' is not a pgqueue.App"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(
@@ -120,95 +262,99 @@ def test_user_errors_are_one_line_without_traceback(
 ) -> None:
     result = cli(dsn, *args, check=False)
     assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error:")
 
 
-def test_unreachable_database_is_a_clear_error(dsn: str) -> None:
-    result = cli(
-        "postgresql://nobody@127.0.0.1:1/x?connect_timeout=2", "stats", check=False
-    )
+def test_bad_queue_name_for_worker_is_one_line(dsn: str, tmp_path: Path) -> None:
+    app = write_app(tmp_path)
+    result = cli(dsn, "worker", app, "--queue", "bad queue", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: invalid queue name")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate"],
+        ["stats"],
+        ["jobs"],
+        ["enqueue", "t"],
+        ["cancel", "1"],
+        ["retry", "1"],
+        ["prune"],
+        ["worker", "jobsapp:app"],
+    ],
+)
+def test_unreachable_database_is_a_clear_error(tmp_path: Path, args: list[str]) -> None:
+    write_app(tmp_path)
+    for how in (["--dsn", UNREACHABLE, *args], args):  # the flag, then the env
+        result = cli(UNREACHABLE, *how, cwd=tmp_path, check=False)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: cannot connect to PostgreSQL")
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["stats"], ["worker", "jobsapp:app"]])
+def test_unreachable_database_error_is_one_line(
+    tmp_path: Path, args: list[str]
+) -> None:
+    # libpq's message has a second, tab-indented hint line ("Is the server
+    # running on that host...?"); the CLI promises one `error:` line.
+    write_app(tmp_path)
+    result = cli(UNREACHABLE, *args, cwd=tmp_path, check=False)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: cannot connect to PostgreSQL")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- a worker -------------------------------------------------------------------
+
+
+def test_worker_until_empty_runs_an_app_module_from_the_current_directory(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    business.execute(
+        "select pgqueue.enqueue('record', jsonb_build_object('n', g))"
+        " from generate_series(1, 40) g"
+    )
+    app = write_app(tmp_path)
+    result = cli(
+        dsn, "worker", app, "-c", "4", "--until-empty", "--log-json", cwd=tmp_path
+    )
+    assert result.returncode == 0
+    assert business.execute(
+        "select count(*), count(distinct job_id), sum(n) from business"
+    ).fetchone() == (40, 40, sum(range(1, 41)))
+    assert business.execute(
+        "select state::text, count(*) from pgqueue.jobs_overview group by 1"
+    ).fetchall() == [("succeeded", 40)]
+    names = [e["event"] for e in events(result.stderr)]
+    assert names.count("job_succeeded") == 40
+    assert names[0] == "worker_started" and names[-1] == "worker_stopped"
+
+
+def test_worker_refuses_a_schema_behind_the_code(
+    scratch_db: str, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+    result = cli(scratch_db, "worker", app, "--until-empty", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: schema 'pgqueue' is at version 0")
+    assert "pgqueue migrate" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_worker_until_empty_drains_an_app_module(
-    dsn: str, conn: Conn, tmp_path: Path
-) -> None:
-    conn.execute("create table business (job_id bigint primary key, n int)")
-    app = write_app(tmp_path)
-    for n in range(20):
-        cli(dsn, "enqueue", "record", "--args", json.dumps({"n": n}))
-    result = cli(dsn, "worker", app, "--until-empty", "--log-json", cwd=tmp_path)
-    events = [
-        json.loads(line)["event"]
-        for line in result.stderr.splitlines()
-        if line.startswith("{")
-    ]
-    assert events.count("job_succeeded") == 20 and events[-1] == "worker_stopped"
-    assert conn.execute("select count(*) from business").fetchone() == (20,)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", ["quickstart.py", "orders.py", "llm_summary.py"])
-def test_examples_run_and_drain(dsn: str, conn: Conn, script: str) -> None:
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "30"],
-        env=env_for(dsn),
-        check=True,
-        timeout=60,
-    )
-    module = "examples." + script.removesuffix(".py") + ":app"
-    queue = {"orders.py": "emails", "llm_summary.py": "llm"}.get(script, "default")
-    cli(dsn, "worker", module, "--queue", queue, "-c", "30", "--until-empty")
-    depth = conn.execute(
-        "select queued, running, succeeded from pgqueue.queue_depth"
-    ).fetchone()
-    assert depth is not None and depth[:2] == (0, 0) and depth[2] >= 1
-    if script == "orders.py":
-        assert conn.execute("select count(*) from receipts").fetchone() == (1,)
-        assert conn.execute("select count(*) from orders").fetchone() == (1,)
-
-
-@pytest.mark.slow
-def test_wheel_ships_the_sql(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import zipfile
-
-    pytest.importorskip("build")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--outdir",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    [wheel] = tmp_path.glob("pgqueue-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "pgqueue/sql/migrations/0001_initial.sql" in names
-    assert "pgqueue/sql/migrations/0002_functions.sql" in names
-    # Run `migrate --print` from the wheel alone (not from this checkout).
-    unpacked = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(unpacked)
+def test_python_dash_m_runs_the_same_cli(dsn: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pgqueue", "migrate", "--print"],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "pgqueue", "stats"],
         capture_output=True,
         text=True,
+        env=env_for(dsn),
+        timeout=60,
         check=True,
     )
-    assert 'create function "pgqueue".lease' in result.stdout
+    assert result.stdout.strip() == "no jobs"

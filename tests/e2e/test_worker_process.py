@@ -1,11 +1,9 @@
-"""Real worker processes: graceful shutdown, a second signal, SIGKILL mid-job."""
+"""Real `pgqueue worker` processes: graceful shutdown, a second signal, SIGKILL."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,121 +11,138 @@ import psycopg
 import pytest
 
 from ..waiting import wait_until
-from .helpers import cli, start_worker, write_app
+from .helpers import BUSINESS_TABLE, WorkerProcess, cli, job_row, started, write_app
 
 Conn = psycopg.Connection[Any]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def business(conn: Conn) -> Conn:
-    conn.execute("create table business (job_id bigint primary key, n int)")
+    conn.execute(BUSINESS_TABLE)
     return conn
 
 
-def running(conn: Conn) -> int:
+def enqueue(conn: Conn, n: int, sleep: float = 0.0) -> int:
     row = conn.execute(
-        "select count(*) from pgqueue.jobs where state = 'running'"
+        "select pgqueue.enqueue('record', %s)", [json.dumps({"n": n, "sleep": sleep})]
     ).fetchone()
-    return int(row[0]) if row else 0
+    assert row is not None
+    return int(row[0])
 
 
-def enqueue(dsn: str, n: int, sleep: float) -> int:
-    return int(
-        cli(
-            dsn, "enqueue", "record", "--args", json.dumps({"n": n, "sleep": sleep})
-        ).stdout
-    )
+def business_rows(conn: Conn) -> list[tuple[int, int]]:
+    return conn.execute("select job_id, n from business order by n").fetchall()
 
 
-@pytest.mark.slow
-def test_sigterm_finishes_short_jobs_and_hands_back_long_ones(
-    dsn: str, business: Conn, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_lets_short_jobs_finish_and_hands_back_the_rest(
+    dsn: str, business: Conn, tmp_path: Path, sig: signal.Signals
 ) -> None:
     app = write_app(tmp_path)
-    short = enqueue(dsn, 1, 0.5)
-    long = enqueue(dsn, 2, 60)
-    worker = start_worker(dsn, app, "-c", "4", "--grace", "2", cwd=tmp_path)
-    try:
-        wait_until(lambda: running(business) == 2)
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=20) == 0
-    finally:
-        worker.kill()
-    states = dict(
-        business.execute("select id, state::text from pgqueue.jobs_overview").fetchall()
-    )
-    assert states == {short: "succeeded", long: "queued"}
-    # The handed-back job keeps attempt 0 and its business row rolled back.
-    assert business.execute(
-        "select attempts from pgqueue.jobs where id = %s", [long]
-    ).fetchone() == (0,)
-    assert business.execute("select n from business").fetchall() == [(1,)]
-    log = worker.stdout.read() if worker.stdout else ""
-    assert "jobs_handed_back" in log and "worker_stopped" in log
+    short = [enqueue(business, n, sleep=1.0) for n in (1, 2)]
+    long = [enqueue(business, n, sleep=300) for n in (3, 4)]
+    grace = 3
+    with WorkerProcess(
+        dsn, app, "-c", "4", "--grace", str(grace), cwd=tmp_path
+    ) as worker:
+        # All four handlers are inside their jobs (rows inserted, not committed).
+        wait_until(lambda: all(started(tmp_path, j) for j in short + long))
+        worker.send(sig)
+        assert worker.wait(timeout=grace + 15) == 0, worker.log()
 
-
-@pytest.mark.slow
-def test_second_signal_exits_at_once(dsn: str, business: Conn, tmp_path: Path) -> None:
-    app = write_app(tmp_path)
-    enqueue(dsn, 1, 60)
-    worker = start_worker(dsn, app, "--grace", "60", cwd=tmp_path)
-    try:
-        wait_until(lambda: running(business) == 1)
-        worker.send_signal(signal.SIGTERM)
-        wait_until(lambda: "worker_draining" in _peek(worker))
-        worker.send_signal(signal.SIGINT)
-        code = worker.wait(timeout=10)
-    finally:
-        worker.kill()
-    assert code != 0
-    # The job is still leased to the dead worker; its lease will expire.
-    assert running(business) == 1
-
-
-def _peek(proc: subprocess.Popen[str]) -> str:
-    # The worker's log is JSON lines on stdout; read what is there so far.
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    chunk = proc.stdout.read() or ""
-    _peek.buffer = getattr(_peek, "buffer", "") + chunk  # type: ignore[attr-defined]
-    return _peek.buffer  # type: ignore[attr-defined,no-any-return]
-
-
-@pytest.mark.slow
-def test_sigkill_mid_job_reruns_after_the_lease_expires(
-    dsn: str, business: Conn, tmp_path: Path
-) -> None:
-    app = write_app(tmp_path)
-    job = enqueue(dsn, 7, 30)
-    victim = start_worker(dsn, app, "--lease", "2", cwd=tmp_path)
-    try:
-        wait_until(lambda: running(business) == 1)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
-    finally:
-        victim.kill()
-    # The killed attempt's transaction never committed: no business row.
-    assert business.execute("select count(*) from business").fetchone() == (0,)
-    business.execute(
-        "update pgqueue.jobs set args = jsonb_set(args, '{sleep}', '0') where id = %s",
-        [job],
-    )
-    rescuer = start_worker(dsn, app, "--lease", "2", cwd=tmp_path)
-    try:
-        wait_until(
-            lambda: (
-                business.execute(
-                    "select state from pgqueue.jobs_overview where id = %s", [job]
-                ).fetchone()
-                == ("succeeded",)
-            ),
-            timeout=30,
+    for job in short:
+        assert job_row(business, job)["state"] == "succeeded"
+    for job in long:
+        row = job_row(business, job)
+        # Queued again, not counted as an attempt, no error, nobody holds it.
+        assert (row["state"], row["attempts"], row["errors"], row["leased_by"]) == (
+            "queued",
+            0,
+            [],
+            None,
         )
-    finally:
-        rescuer.terminate()
-        rescuer.wait(timeout=20)
-    assert business.execute("select job_id, n from business").fetchall() == [(job, 7)]
-    row = business.execute(
-        "select attempts, errors from pgqueue.finished_jobs where id = %s", [job]
-    ).fetchone()
-    assert row is not None and row[0] == 1 and row[1][0]["kind"] == "lease_expired"
+    # The handed-back jobs' business rows were rolled back.
+    assert business_rows(business) == [(short[0], 1), (short[1], 2)]
+    names = worker.event_names()
+    assert names[-1] == "worker_stopped"
+    [handed] = [e for e in worker.events() if e["event"] == "jobs_handed_back"]
+    assert sorted(handed["job_ids"]) == sorted(long)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)],
+)
+def test_second_signal_exits_at_once(
+    dsn: str,
+    business: Conn,
+    tmp_path: Path,
+    first: signal.Signals,
+    second: signal.Signals,
+) -> None:
+    app = write_app(tmp_path)
+    job = enqueue(business, 1, sleep=300)
+    # A grace far longer than the test's patience: only the second signal can
+    # make the worker exit within the wait below.
+    with WorkerProcess(dsn, app, "--grace", "300", cwd=tmp_path) as worker:
+        wait_until(lambda: started(tmp_path, job))
+        worker.send(first)
+        worker.wait_for_event("worker_draining")
+        worker.send(second)
+        code = worker.wait(timeout=15)
+    assert code != 0
+    assert "worker_killed" in worker.event_names()
+    assert "worker_stopped" not in worker.event_names()
+    # Nothing was handed back: the job stays leased until its lease expires.
+    row = job_row(business, job)
+    assert (row["state"], row["attempts"]) == ("running", 0)
+    assert business_rows(business) == []
+
+
+def test_sigkill_mid_job_is_rerun_by_another_worker_after_the_lease_expires(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+    job = enqueue(business, 7, sleep=300)  # only the first run sleeps
+    with WorkerProcess(dsn, app, "--lease", "2", cwd=tmp_path) as victim:
+        # The handler has inserted its business row and is sleeping.
+        wait_until(lambda: started(tmp_path, job, run=1))
+        victim.send(signal.SIGKILL)
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+    # The killed transaction never committed.
+    assert business_rows(business) == []
+    assert job_row(business, job)["attempts"] == 0
+
+    with WorkerProcess(dsn, app, "--lease", "2", cwd=tmp_path) as rescuer:
+        wait_until(lambda: job_row(business, job)["state"] == "succeeded", timeout=60)
+        rescuer.send(signal.SIGTERM)
+        assert rescuer.wait(timeout=30) == 0, rescuer.log()
+
+    assert started(tmp_path, job, run=2)
+    assert business_rows(business) == [(job, 7)]
+    row = job_row(business, job)
+    assert row["attempts"] == 1
+    [error] = row["errors"]
+    assert error["kind"] == "lease_expired"
+    reaped = [e for e in rescuer.events() if e["event"] == "job_reaped"]
+    assert [e["job_id"] for e in reaped] == [job]
+
+
+def test_a_handed_back_job_runs_again_without_counting_an_attempt(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+    job = enqueue(business, 9, sleep=300)  # only the first run sleeps
+    with WorkerProcess(dsn, app, "--grace", "0", cwd=tmp_path) as worker:
+        wait_until(lambda: started(tmp_path, job))
+        worker.send(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0, worker.log()
+    assert job_row(business, job)["state"] == "queued"
+
+    cli(dsn, "worker", app, "--until-empty", cwd=tmp_path)
+    assert started(tmp_path, job, run=2)
+    row = job_row(business, job)
+    assert (row["state"], row["attempts"], row["errors"]) == ("succeeded", 0, [])
+    assert business_rows(business) == [(job, 9)]
