@@ -141,6 +141,7 @@ class WorkerProcess:
 # directory on sys.path). Its handlers write to a `business` table in the
 # job's transaction and leave a marker file once they are inside the job.
 APP_MODULE = '''
+import asyncio
 import time
 from pathlib import Path
 
@@ -166,6 +167,25 @@ def record(ctx, n, sleep=0.0):
     )
     if _mark(ctx) == 1:
         time.sleep(sleep)
+    return {"n": n}
+
+
+@app.task
+async def record_async(ctx, n, sleep=0.0):
+    """`record` as an async handler (ctx.conn is an AsyncConnection)."""
+    await ctx.conn.execute(
+        "insert into business (job_id, n) values (%s, %s)", [ctx.job.id, n]
+    )
+    if _mark(ctx) == 1:
+        await asyncio.sleep(sleep)
+    return {"n": n}
+
+
+@app.task(transactional=False)
+async def call(ctx, n, sleep=0.0):
+    """A non-transactional handler (no ctx.conn): its result is all it leaves."""
+    if _mark(ctx) == 1:
+        await asyncio.sleep(sleep)
     return {"n": n}
 
 

@@ -24,9 +24,9 @@ def business(conn: Conn) -> Conn:
     return conn
 
 
-def enqueue(conn: Conn, n: int, sleep: float = 0.0) -> int:
+def enqueue(conn: Conn, n: int, sleep: float = 0.0, task: str = "record") -> int:
     row = conn.execute(
-        "select pgqueue.enqueue('record', %s)", [json.dumps({"n": n, "sleep": sleep})]
+        "select pgqueue.enqueue(%s, %s)", [task, json.dumps({"n": n, "sleep": sleep})]
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -36,24 +36,34 @@ def business_rows(conn: Conn) -> list[tuple[int, int]]:
     return conn.execute("select job_id, n from business order by n").fetchall()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("task", "sig"),
+    [
+        ("record", signal.SIGTERM),
+        ("record", signal.SIGINT),
+        ("record_async", signal.SIGTERM),
+        ("call", signal.SIGTERM),
+    ],
+)
 def test_signal_lets_short_jobs_finish_and_hands_back_the_rest(
-    dsn: str, business: Conn, tmp_path: Path, sig: signal.Signals
+    dsn: str, business: Conn, tmp_path: Path, task: str, sig: signal.Signals
 ) -> None:
     app = write_app(tmp_path)
-    short = [enqueue(business, n, sleep=1.0) for n in (1, 2)]
-    long = [enqueue(business, n, sleep=300) for n in (3, 4)]
+    short = [enqueue(business, n, sleep=1.0, task=task) for n in (1, 2)]
+    long = [enqueue(business, n, sleep=300, task=task) for n in (3, 4)]
     grace = 3
     with WorkerProcess(
         dsn, app, "-c", "4", "--grace", str(grace), cwd=tmp_path
     ) as worker:
-        # All four handlers are inside their jobs (rows inserted, not committed).
+        # All four handlers are inside their jobs (a transactional one has
+        # inserted its row, not committed).
         wait_until(lambda: all(started(tmp_path, j) for j in short + long))
         worker.send(sig)
         assert worker.wait(timeout=grace + 15) == 0, worker.log()
 
-    for job in short:
-        assert job_row(business, job)["state"] == "succeeded"
+    for n, job in enumerate(short, start=1):
+        row = job_row(business, job)
+        assert (row["state"], row["result"]) == ("succeeded", {"n": n})
     for job in long:
         row = job_row(business, job)
         # Queued again, not counted as an attempt, no error, nobody holds it.
@@ -64,11 +74,21 @@ def test_signal_lets_short_jobs_finish_and_hands_back_the_rest(
             None,
         )
     # The handed-back jobs' business rows were rolled back.
-    assert business_rows(business) == [(short[0], 1), (short[1], 2)]
+    expected = [] if task == "call" else [(short[0], 1), (short[1], 2)]
+    assert business_rows(business) == expected
     names = worker.event_names()
     assert names[-1] == "worker_stopped"
     [handed] = [e for e in worker.events() if e["event"] == "jobs_handed_back"]
     assert sorted(handed["job_ids"]) == sorted(long)
+
+
+def test_sigterm_stops_an_idle_worker(dsn: str, tmp_path: Path) -> None:
+    app = write_app(tmp_path)
+    with WorkerProcess(dsn, app, cwd=tmp_path) as worker:
+        worker.wait_for_event("worker_started")
+        worker.send(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0, worker.log()
+    assert worker.event_names()[-1] == "worker_stopped"
 
 
 @pytest.mark.parametrize(
@@ -101,11 +121,12 @@ def test_second_signal_exits_at_once(
     assert business_rows(business) == []
 
 
+@pytest.mark.parametrize("task", ["record", "record_async"])
 def test_sigkill_mid_job_is_rerun_by_another_worker_after_the_lease_expires(
-    dsn: str, business: Conn, tmp_path: Path
+    dsn: str, business: Conn, tmp_path: Path, task: str
 ) -> None:
     app = write_app(tmp_path)
-    job = enqueue(business, 7, sleep=300)  # only the first run sleeps
+    job = enqueue(business, 7, sleep=300, task=task)  # only the first run sleeps
     with WorkerProcess(dsn, app, "--lease", "2", cwd=tmp_path) as victim:
         # The handler has inserted its business row and is sleeping.
         wait_until(lambda: started(tmp_path, job, run=1))
