@@ -55,7 +55,8 @@ def states(conn: Conn) -> list[tuple[str, str, int]]:
 
 def test_every_example_has_a_test() -> None:
     scripts = {p.name for p in (ROOT / "examples").glob("*.py")}
-    assert scripts == {"quickstart.py", "orders.py", "llm_summary.py"}
+    tested = {"quickstart.py", "orders.py", "llm_summary.py"}
+    assert scripts == tested, "add a test here for each new script in examples/"
 
 
 def test_quickstart(dsn: str, conn: Conn, tmp_path: Path) -> None:
