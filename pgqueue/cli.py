@@ -33,6 +33,11 @@ class _Settings:
 _settings = _Settings()
 
 
+def _one_line(exc: BaseException) -> str:
+    """libpq messages span lines (a tab-indented hint); errors here are one line."""
+    return " ".join(str(exc).split())
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -63,9 +68,9 @@ def _connect() -> psycopg.Connection[Any]:
     except ConfigurationError as exc:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
-        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        _fail(f"cannot connect to PostgreSQL: {_one_line(exc)}")
     except psycopg.ProgrammingError as exc:  # a DSN libpq cannot parse
-        _fail(f"invalid connection string: {str(exc).strip()}")
+        _fail(f"invalid connection string: {_one_line(exc)}")
 
 
 def _app() -> App:
@@ -117,7 +122,12 @@ def worker(
         str, typer.Argument(metavar="MODULE:APP", help="e.g. shop.jobs:app")
     ],
     queue: Annotated[
-        list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="Queue to serve (repeat). Default: the queues of the app's tasks.",
+        ),
     ] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 10,
     prefetch: Annotated[
@@ -166,7 +176,7 @@ def worker(
     try:
         Worker(
             app,
-            queues=queue or ["default"],
+            queues=queue or _task_queues(app),
             concurrency=concurrency,
             prefetch=prefetch,
             tx_batch=tx_batch,
@@ -179,7 +189,9 @@ def worker(
     except PgqueueError as exc:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
-        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        _fail(f"cannot connect to PostgreSQL: {_one_line(exc)}")
+    except psycopg.ProgrammingError as exc:  # a DSN libpq cannot parse
+        _fail(f"invalid connection string: {_one_line(exc)}")
     # A sync handler still running past the grace period cannot be stopped from
     # outside its thread, and the interpreter would wait for it at exit. Its job
     # was handed back and its transaction never commits: leave now.
@@ -190,6 +202,11 @@ def worker(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _task_queues(app: App) -> list[str]:
+    """Without --queue, serve every queue the app's tasks declare."""
+    return sorted({t.defaults.queue for t in app.tasks.values()}) or ["default"]
 
 
 def _parse_json(text: str) -> Any:
@@ -422,5 +439,5 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except psycopg.Error as exc:
-        typer.echo(f"error: database: {str(exc).strip()}", err=True)
+        typer.echo(f"error: database: {_one_line(exc)}", err=True)
         sys.exit(1)

@@ -308,11 +308,6 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path, args: list[str]) 
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="pgqueue/cli.py passes libpq's multi-line message through "
-    "(str(exc).strip() in _connect and worker); collapse it to one line",
-    strict=True,
-)
 @pytest.mark.parametrize("args", [["stats"], ["worker", "jobsapp:app"]])
 def test_unreachable_database_error_is_one_line(
     tmp_path: Path, args: list[str]
