@@ -52,11 +52,19 @@ _TEMPLATES: dict[str, LiteralString] = {
         "copy {schema}.jobs (id, queue, task, args, priority, run_at, max_attempts)"
         " from stdin"
     ),
+    # args as text: the worker parses it (worker._load_args), faster than
+    # psycopg's jsonb loader.
     "lease": (
-        "select id, queue, task, args, priority, attempts, max_attempts,"
+        "select id, queue, task, args::text, priority, attempts, max_attempts,"
         " lease_token, run_at, created_at from {schema}.lease(%s, %s, %s, %s)"
     ),
-    "complete": "select {schema}.complete(%s::bigint[], %s::uuid[], %s::jsonb[])",
+    # The worker's batch completion: returns the ids NOT completed (lease lost),
+    # an empty array almost always, so no row per job travels back.
+    "complete": (
+        "select array(select unnest(%(ids)s::bigint[]) except all"
+        " select {schema}.complete(%(ids)s::bigint[], %(tokens)s::uuid[],"
+        " %(results)s::jsonb[]))"
+    ),
     "complete_one": "select {schema}.complete_one(%s, %s, %s::jsonb)",
     "fail": "select {schema}.fail(%s, %s, %s::jsonb, %s)",
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",

@@ -227,6 +227,79 @@ def test_non_transactional_async_task_stores_its_result(dsn: str, conn: Conn) ->
     assert results == [({"words": 3},)]
 
 
+TRICKY = [
+    'quote " and backslash \\ and \\"',
+    "braces {a,b} and comma, NULL",
+    "unicode é ☃ 𝄞",
+    "",
+    "NULL",
+]
+
+
+def test_batched_completions_store_every_result_verbatim(dsn: str, conn: Conn) -> None:
+    """Results of many jobs are completed in one statement; strings that mean
+    something in an array literal (quotes, backslashes, braces, NULL) and jobs
+    without a result in the same batch all come back exactly."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def echo(ctx: pgqueue.JobContext, i: int, text: str) -> Any:
+        # No await: the handler finishes in place (pgqueue/eager.py).
+        if i % 3 == 0:
+            return None
+        return {"i": i, "text": text, "list": [text, None, 1.5]}
+
+    args = [{"i": i, "text": TRICKY[i % len(TRICKY)]} for i in range(300)]
+    ids = echo.enqueue_many(conn, args)
+    with running_worker(app, concurrency=100, prefetch=100):
+        wait_until(lambda: all(finished(conn, i) for i in ids))
+    stored = dict(
+        conn.execute(
+            "select id, result from pgqueue.finished_jobs where state = 'succeeded'"
+        ).fetchall()
+    )
+    for job_id, arg in zip(ids, args, strict=True):
+        expected = (
+            None if arg["i"] % 3 == 0 else {**arg, "list": [arg["text"], None, 1.5]}
+        )
+        assert stored[job_id] == expected
+
+
+def test_a_lost_lease_in_a_completion_batch_fails_only_that_job(
+    dsn: str, conn: Conn
+) -> None:
+    """Non-transactional completions are written in batches; a job reaped while
+    it ran is reported lost (and reruns), the rest of its batch completes."""
+    app = pgqueue.App(dsn)
+    runs: list[tuple[int, int]] = []
+
+    @app.task(transactional=False)
+    async def step(ctx: pgqueue.JobContext, n: int) -> int:
+        runs.append((n, ctx.attempt))
+        if n == 3 and ctx.attempt == 1:
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute(
+                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s",
+                    [ctx.job.id],
+                )
+                other.execute("select pgqueue.reap()")
+                # Due again at once, so the rerun needs no backoff wait.
+                other.execute(
+                    "update pgqueue.jobs set run_at = now() where id = %s", [ctx.job.id]
+                )
+        return n
+
+    ids = step.enqueue_many(conn, [{"n": n} for n in range(20)])
+    with running_worker(app, concurrency=20, prefetch=20) as worker:
+        wait_until(lambda: all(finished(conn, i) for i in ids))
+    assert worker.counters.lease_lost == 1
+    assert sorted(runs) == sorted([(n, 1) for n in range(20)] + [(3, 2)])
+    done = conn.execute(
+        "select id, attempts, result from pgqueue.finished_jobs where state = 'succeeded' order by id"
+    ).fetchall()
+    assert done == [(job_id, 1 if n == 3 else 0, n) for n, job_id in enumerate(ids)]
+
+
 def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None:
     """A worker whose lease expired while its handler ran cannot complete the job:
     its transaction rolls back, the rerun's commits, the business table has one row."""
