@@ -59,11 +59,20 @@ check: lint typecheck test ## lint, typecheck and test
 schema: install ## regenerate sql/schema.snapshot.sql from a fresh migration
 	$(VENV)/bin/pgqueue migrate --print > sql/schema.snapshot.sql
 
+# Oban for Python needs Python >= 3.12: `make bench` builds .venv-bench-oban with
+# OBAN_PYTHON, else the first of python3.13, python3.12, pyenv's 3.12+ that runs.
 bench: install ## pgqueue's own benchmark, then the comparison with peers and raw SQL
 	@set -e; dsn="$${PGQUEUE_DSN:-postgresql://postgres@127.0.0.1:5432/postgres}"; \
 	echo "+ pgqueue --dsn $$dsn bench"; $(VENV)/bin/pgqueue --dsn "$$dsn" bench; \
 	[ -x .venv-bench/bin/python ] || $(PYTHON) -m venv .venv-bench; \
 	.venv-bench/bin/pip install -q -r tests/benchmarks/requirements-peers.txt -e .; \
+	py=; for c in $(OBAN_PYTHON) python3.13 python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3; do \
+	  if $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; done; \
+	if [ -x .venv-bench-oban/bin/python ] || [ -n "$$py" ]; then \
+	  { [ -x .venv-bench-oban/bin/python ] || $$py -m venv .venv-bench-oban; } \
+	    && .venv-bench-oban/bin/pip install -q -r tests/benchmarks/requirements-oban.txt \
+	    || echo "could not build .venv-bench-oban: the comparison skips Oban for Python"; \
+	else echo "no Python >= 3.12 (python3.13, python3.12, OBAN_PYTHON=...): the comparison skips Oban for Python"; fi; \
 	echo "+ .venv-bench/bin/python tests/benchmarks/compare.py --dsn $$dsn"; \
 	.venv-bench/bin/python tests/benchmarks/compare.py --dsn "$$dsn"
 

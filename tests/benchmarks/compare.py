@@ -4,6 +4,13 @@
     .venv-bench/bin/pip install -r tests/benchmarks/requirements-peers.txt -e .
     .venv-bench/bin/python tests/benchmarks/compare.py --n 20000
 
+Oban for Python needs Python >= 3.12, so it lives in a venv of its own, whose
+interpreter runs the oban roles of peers.py (--oban-python); without it the
+run skips Oban and says so:
+
+    python3.12 -m venv .venv-bench-oban
+    .venv-bench-oban/bin/pip install -r tests/benchmarks/requirements-oban.txt
+
 Every system gets a fresh database per workload on the same server. The raw
 baselines are pgbench scripts (tests/benchmarks/BENCHMARKS in ../shared): the
 least work per job a SKIP LOCKED queue can do. A system's figure counts only
@@ -28,8 +35,34 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 HERE = Path(__file__).resolve().parent
-PEERS = [sys.executable, str(HERE / "peers.py")]
-SYSTEMS = ["pgqueue", "pgqueuer", "procrastinate"]
+ROOT = HERE.parent.parent
+SYSTEMS = ["pgqueue", "pgqueuer", "procrastinate", "oban"]
+# The interpreter that runs a system's peers.py roles, if not this one: Oban
+# for Python needs >= 3.12, newer than .venv-bench may be (set in main()).
+PYTHON: dict[str, str] = {}
+OBAN_VENV_HINT = (
+    "python3.12 -m venv .venv-bench-oban && .venv-bench-oban/bin/pip install"
+    " -r tests/benchmarks/requirements-oban.txt"
+)
+
+
+def peers(system: str) -> list[str]:
+    return [PYTHON.get(system, sys.executable), str(HERE / "peers.py")]
+
+
+def oban_unavailable(python: str) -> str | None:
+    """Why `python` cannot run Oban's roles, or None if it can."""
+    if not Path(python).exists():
+        return f"no {python} (Oban for Python needs Python >= 3.12)"
+    check = (
+        "import sys, oban; assert sys.version_info >= (3, 12), sys.version;"
+        " print(oban.__version__)"
+    )
+    result = subprocess.run([python, "-c", check], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["failed"]
+        return f"{python} cannot import oban: {lines[-1]}"
+    return None
 
 
 def fresh_db(server: str, name: str) -> str:
@@ -52,7 +85,7 @@ def run(*args: str, timeout: float = 900) -> str:
 
 
 def peer(system: str, role: str, dsn: str, *args: str) -> Any:
-    out = run(*PEERS, system, role, dsn, *args).strip().splitlines()
+    out = run(*peers(system), system, role, dsn, *args).strip().splitlines()
     return json.loads(out[-1]) if out else None
 
 
@@ -146,7 +179,10 @@ def drain(server: str, system: str, n: int, processes: int) -> float:
     peer(system, "fill", dsn, str(n))
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"calls{i}.json") for i in range(processes)]
-        procs = [subprocess.Popen([*PEERS, system, "drain", dsn, out]) for out in outs]
+        procs = [
+            subprocess.Popen([*peers(system), system, "drain", dsn, out])
+            for out in outs
+        ]
         for proc in procs:
             if proc.wait(timeout=1800) != 0:
                 raise RuntimeError(f"{system} drain worker failed")
@@ -167,7 +203,9 @@ def latency(server: str, system: str, jobs: int) -> dict[str, float]:
     peer(system, "setup", dsn, "-")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "calls.json")
-        worker = subprocess.Popen([*PEERS, system, "listen", dsn, out, str(jobs)])
+        worker = subprocess.Popen(
+            [*peers(system), system, "listen", dsn, out, str(jobs)]
+        )
         time.sleep(3)  # started, listening, idle
         committed = peer(system, "produce", dsn, str(jobs))
         if worker.wait(timeout=120) != 0:
@@ -276,7 +314,22 @@ def main() -> None:
         "--slow-n", type=int, default=5000,
         help="jobs for the drain of systems below 5k jobs/s (procrastinate)",
     )  # fmt: skip
+    parser.add_argument(
+        "--oban-python",
+        default=str(ROOT / ".venv-bench-oban" / "bin" / "python"),
+        help="Python >= 3.12 with oban installed, for the oban system's processes",
+    )
     args = parser.parse_args()
+    systems = args.systems.split(",")
+    if "oban" in systems:
+        problem = oban_unavailable(args.oban_python)
+        if problem:
+            print(
+                f"oban: skipped: {problem}; to include it: {OBAN_VENV_HINT}", flush=True
+            )
+            systems.remove("oban")
+        else:
+            PYTHON["oban"] = args.oban_python
     with psycopg.connect(args.dsn) as conn:
         version = conn.execute("show server_version").fetchone()
     print(
@@ -286,7 +339,7 @@ def main() -> None:
     raw = raw_ceilings(args.dsn, args.n)
     print("raw:", json.dumps({k: round(v) for k, v in raw.items()}), flush=True)
     results: dict[str, dict[str, float]] = {}
-    for system in args.systems.split(","):
+    for system in systems:
         try:
             results[system] = measure(
                 args.dsn, system, args.n, {"procrastinate": args.slow_n}

@@ -2,7 +2,7 @@
 
     python tests/benchmarks/peers.py SYSTEM ROLE DSN ARG
 
-SYSTEM: pgqueue, pgqueuer, procrastinate. ROLE:
+SYSTEM: pgqueue, pgqueuer, procrastinate, oban. ROLE:
   setup             install the system's schema
   enqueue N         print {"enqueue_one": jobs/s, "enqueue_bulk": jobs/s}
   fill N            enqueue N no-op jobs in bulk
@@ -13,7 +13,12 @@ SYSTEM: pgqueue, pgqueuer, procrastinate. ROLE:
 
 Each system runs with the settings its documentation recommends for
 throughput: pgqueue -c 500 --prefetch 500 (one process), PgQueuer with
-asyncpg and batch_size=500, procrastinate concurrency=10.
+asyncpg and batch_size=500, procrastinate concurrency=10, Oban a queue limit
+of 500 on uvloop with orjson (as `oban start` runs).
+
+Oban for Python needs Python >= 3.12, so compare.py runs the oban roles with
+the interpreter of a second venv (.venv-bench-oban); this file must therefore
+import no peer at module level.
 """
 
 from __future__ import annotations
@@ -234,6 +239,101 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
     return None
 
 
+# -- Oban for Python ----------------------------------------------------------------
+
+# The queue limit is how many jobs one Oban process runs at once, and so how
+# many one fetch may take (limit - running): Oban's only throughput setting
+# for a queue. Its examples use 10 for queues of real work; a no-op job wants
+# many in flight, so the drain uses 500, as pgqueue -c 500 and PgQueuer
+# batch_size=500 (limits 50 to 2,000 measured within noise of each other on 2
+# cores). Listening runs a limit of 10, like the others' listen workers.
+OBAN_DRAIN_LIMIT = 500
+OBAN_LISTEN_LIMIT = 10
+UNFINISHED = """select exists (select from oban_jobs
+    where state in ('available', 'scheduled', 'executing', 'retryable'))"""
+
+
+async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
+    import orjson
+    import psycopg
+    from oban import Oban, worker
+    from oban.schema import install
+    from psycopg.types.json import set_json_dumps, set_json_loads
+
+    # As `oban start` does: orjson for jsonb (uvloop is set up in main()).
+    set_json_dumps(orjson.dumps)
+    set_json_loads(orjson.loads)
+    stop_after = int(extra or 0)
+    done = asyncio.Event()
+
+    @worker(queue="default")
+    class Noop:
+        __qualname__ = "Noop"  # the worker name stored per job: __main__.Noop
+
+        async def process(self, job: Any) -> None:
+            calls.append((int(job.id), time.time()))
+            if stop_after and len(calls) >= stop_after:
+                done.set()
+
+    pool = await Oban.create_pool(dsn)  # Oban's own pool defaults: 1 to 10
+    try:
+        if role == "setup":
+            await install(pool)
+            return None
+        if role in ("enqueue", "fill", "produce"):
+            client = Oban(pool=pool)  # no queues: client mode, enqueues only
+            if role == "produce":
+                committed = {}
+                for _ in range(int(arg)):
+                    job = await client.enqueue(Noop.new())
+                    committed[int(job.id)] = time.time()
+                    await asyncio.sleep(0.02)
+                return committed
+            n = int(arg)
+
+            async def bulk() -> None:
+                for i in range(0, n, BULK_CHUNK):
+                    k = min(BULK_CHUNK, n - i)
+                    await client.enqueue_many([Noop.new() for _ in range(k)])
+
+            if role == "fill":
+                await bulk()
+                return None
+            started = time.perf_counter()
+            for _ in range(n):
+                await client.enqueue(Noop.new())
+            one = n / (time.perf_counter() - started)
+            started = time.perf_counter()
+            await bulk()
+            return {
+                "enqueue_one": one,
+                "enqueue_bulk": n / (time.perf_counter() - started),
+            }
+        if role == "drain":
+            # Oban has no run-until-empty mode: poll its jobs table, on a
+            # connection of our own, until no job is left to run or running
+            # (with two processes: until both have finished their share).
+            oban = Oban(pool=pool, queues={"default": OBAN_DRAIN_LIMIT})
+            async with (
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+                oban,
+            ):
+                while True:
+                    await asyncio.sleep(0.05)
+                    row = await (await conn.execute(UNFINISHED)).fetchone()
+                    if row is None or not row[0]:
+                        break
+        elif role == "listen":
+            async with Oban(pool=pool, queues={"default": OBAN_LISTEN_LIMIT}):
+                await done.wait()
+        else:
+            raise SystemExit(f"unknown role {role}")
+    finally:
+        await pool.close()
+    _write(arg)
+    return None
+
+
 def main() -> None:
     system, role, dsn, arg = sys.argv[1:5]
     extra = sys.argv[5] if len(sys.argv) > 5 else None
@@ -243,6 +343,10 @@ def main() -> None:
         result = asyncio.run(pgqueuer_main(role, dsn, arg, extra))
     elif system == "procrastinate":
         result = asyncio.run(procrastinate_main(role, dsn, arg, extra))
+    elif system == "oban":
+        import uvloop  # Oban's dependency; `oban start` runs on it
+
+        result = uvloop.run(oban_main(role, dsn, arg, extra))
     else:
         raise SystemExit(f"unknown system {system}")
     if result is not None:
