@@ -66,6 +66,9 @@ _TEMPLATES: dict[str, LiteralString] = {
         " %(results)s::jsonb[]))"
     ),
     "complete_one": "select {schema}.complete_one(%s, %s, %s::jsonb)",
+    "complete_all": (
+        "select {schema}.complete_all(%s::bigint[], %s::uuid[], %s::jsonb[])"
+    ),
     "fail": "select {schema}.fail(%s, %s, %s::jsonb, %s)",
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
     "reap": "select id, state from {schema}.reap(%s)",
@@ -113,6 +116,7 @@ class Statements:
     lease: str
     complete: str
     complete_one: str
+    complete_all: str
     fail: str
     heartbeat: str
     reap: str

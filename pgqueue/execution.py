@@ -110,6 +110,10 @@ class Attempt:
     completing: bool = False  # completed in a batch transaction not yet committed
 
 
+def _set_completing(attempt: Attempt, value: bool) -> None:
+    attempt.completing = value
+
+
 @dataclass(slots=True)
 class Counters:
     """What this worker has done so far (read by tests and the final log line)."""
@@ -202,13 +206,16 @@ class JobExecution:
                 )
                 payload = self._result_json(result)
                 # Completion and COMMIT in one round trip: complete_one raises
-                # when the lease was lost, and the COMMIT then rolls back.
+                # when the lease was lost, and the COMMIT then rolls back. Until
+                # the COMMIT the row is locked, and the heartbeat skips it.
+                attempt.completing = True
                 async with conn.pipeline():
                     await conn.execute(
                         self._stmts.complete_one, [job.id, job.lease_token, payload]
                     )
                     await conn.execute("commit")
             except BaseException as exc:
+                attempt.completing = False
                 if not conn.closed:
                     with contextlib.suppress(psycopg.Error):
                         await conn.execute("rollback")
@@ -237,8 +244,11 @@ class JobExecution:
             future = self._loop.create_future()
             self._tx_batcher.submit(
                 BatchItem(
+                    job_id=attempt.job.id,
+                    lease_token=attempt.job.lease_token,
                     run=functools.partial(self._run_in_batch, attempt, task, args),
                     is_dropped=lambda: attempt.timed_out or attempt.abandoned,
+                    set_completing=functools.partial(_set_completing, attempt),
                     future=future,
                     loop=self._loop,
                 )
@@ -266,7 +276,13 @@ class JobExecution:
             with contextlib.suppress(BaseException):
                 await future
             return
-        payload = future.result()
+        try:
+            payload = future.result()
+        except psycopg.Error as exc:  # a batch's fenced completion (txbatch.py)
+            lost = _lease_error(exc, attempt.job)
+            if lost is not None:
+                raise lost from exc
+            raise
         if task.transactional:
             self._log_succeeded(attempt)
         else:
@@ -288,6 +304,7 @@ class JobExecution:
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")
             # As in _run_async: completion and COMMIT in one round trip.
+            attempt.completing = True
             with conn.pipeline():
                 conn.execute(
                     self._stmts.complete_one, [job.id, job.lease_token, payload]
@@ -295,6 +312,7 @@ class JobExecution:
                 conn.execute("commit")
             return payload
         except BaseException as exc:
+            attempt.completing = False
             if not conn.closed:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("rollback")
@@ -312,7 +330,10 @@ class JobExecution:
         args: dict[str, Any],
         conn: psycopg.Connection[Any],
     ) -> str | None:
-        """Run a sync handler inside a batch's open savepoint (a batch thread)."""
+        """Run a sync handler in a batch's open transaction (a batch thread).
+
+        The batch completes the job (txbatch.py); this returns the result's JSON.
+        """
         job = attempt.job
         attempt.sync_conn = conn
         try:
@@ -320,22 +341,7 @@ class JobExecution:
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")
-            attempt.completing = True
-            # complete_one raises when the lease was lost, which skips the rest
-            # of the pipeline; the batch then rolls back to the savepoint.
-            with conn.pipeline():
-                conn.execute(
-                    self._stmts.complete_one, [job.id, job.lease_token, payload]
-                )
-                conn.execute("release savepoint job")
-                conn.execute("savepoint job")
             return payload
-        except BaseException as exc:
-            attempt.completing = False
-            lost = _lease_error(exc, job)
-            if lost is not None:
-                raise lost from exc
-            raise
         finally:
             attempt.sync_conn = None
 

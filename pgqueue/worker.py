@@ -189,6 +189,8 @@ class Worker(JobExecution):
                 self._new_connection,
                 threads=-(-self.concurrency // self.tx_batch),
                 max_jobs=self.tx_batch,
+                complete_all=self._stmts.complete_all,
+                complete_one=self._stmts.complete_one,
             )
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

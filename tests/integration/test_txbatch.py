@@ -1,0 +1,161 @@
+"""Transaction batches (--tx-batch): many jobs, one transaction, one completion.
+
+The guarantees are those of one job per transaction: every job's writes commit
+exactly once, together with its own fenced completion, whatever else happens
+in its batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from typing import Any
+
+import psycopg
+
+import pgqueue
+from pgqueue.retry import ExponentialBackoff
+
+from .worker_helpers import running_worker, wait_until
+
+Conn = psycopg.Connection[Any]
+FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
+
+
+def finished(conn: Conn, ids: list[int]) -> bool:
+    row = conn.execute(
+        "select count(*) from pgqueue.finished_jobs where id = any(%s)", [ids]
+    ).fetchone()
+    return row is not None and row[0] == len(ids)
+
+
+def business_rows(conn: Conn) -> list[tuple[int, int]]:
+    rows = conn.execute("select job_id, n from business order by job_id").fetchall()
+    return [(int(job_id), int(n)) for job_id, n in rows]
+
+
+def test_a_batch_commits_every_job_once_with_its_completion(
+    dsn: str, conn: Conn
+) -> None:
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[int] = collections.Counter()
+    batches: set[int] = set()
+
+    @app.task()
+    def record(ctx: pgqueue.JobContext, n: int) -> int:
+        runs[n] += 1
+        # txid of the batch: jobs that share one are committed together
+        row = ctx.conn.execute(
+            "insert into business values (%s, %s) returning txid_current()",
+            [ctx.job.id, n],
+        ).fetchone()
+        batches.add(row[0])
+        return n
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(200)])
+    with running_worker(app, concurrency=32, prefetch=32, tx_batch=16):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    assert runs == {n: 1 for n in range(200)}  # no failure, no rerun
+    assert business_rows(conn) == [(job_id, n) for n, job_id in enumerate(ids)]
+    results = conn.execute(
+        "select id, result, attempts from pgqueue.finished_jobs"
+        " where state = 'succeeded' order by id"
+    ).fetchall()
+    assert results == [(job_id, n, 0) for n, job_id in enumerate(ids)]
+    assert len(batches) < 200  # jobs did share transactions
+
+
+def test_a_failing_job_fails_alone_and_its_batch_mates_commit_once(
+    dsn: str, conn: Conn
+) -> None:
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+
+    @app.task(max_attempts=3, retry=FAST_RETRY)
+    def record(ctx: pgqueue.JobContext, n: int) -> None:
+        with lock:
+            runs[n] += 1
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, n])
+        if n % 7 == 3 and ctx.attempt == 1:
+            raise ValueError(f"job {n} fails its first attempt")
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(100)])
+    with running_worker(app, concurrency=16, prefetch=16, tx_batch=8):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    # Every job's row exactly once, whatever ran twice.
+    assert business_rows(conn) == [(job_id, n) for n, job_id in enumerate(ids)]
+    failing = {n for n in range(100) if n % 7 == 3}
+    attempts = dict(
+        conn.execute(
+            "select id, attempts from pgqueue.finished_jobs where state = 'succeeded'"
+        ).fetchall()
+    )
+    for n, job_id in enumerate(ids):
+        # Only the failing jobs count a failed attempt; a rerun forced by a
+        # batch mate is not an attempt of their own.
+        assert attempts[job_id] == (1 if n in failing else 0), n
+        assert runs[n] >= (2 if n in failing else 1)
+
+
+def test_a_handler_that_swallows_a_database_error_fails_only_itself(
+    dsn: str, conn: Conn
+) -> None:
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=1)
+    def record(ctx: pgqueue.JobContext, n: int) -> None:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, n])
+        if n == 5:
+            with contextlib.suppress(psycopg.errors.DivisionByZero):
+                ctx.conn.execute("select 1 / 0")  # leaves the transaction aborted
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(20)])
+    with running_worker(app, concurrency=20, prefetch=20, tx_batch=20):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    assert business_rows(conn) == [
+        (job_id, n) for n, job_id in enumerate(ids) if n != 5
+    ]
+    dead = conn.execute(
+        "select id, errors -> -1 ->> 'kind' from pgqueue.dead_jobs"
+    ).fetchall()
+    assert dead == [(ids[5], "HandlerLeftTransactionAborted")]
+
+
+def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(dsn: str, conn: Conn) -> None:
+    """The batch's completion finds one lease gone: nothing commits at first,
+    then every job runs again fenced alone; the lost one commits nothing."""
+    conn.execute("create table business (job_id bigint, n int, attempt int)")
+    app = pgqueue.App(dsn)
+
+    @app.task(retry=FAST_RETRY)
+    def record(ctx: pgqueue.JobContext, n: int) -> None:
+        ctx.conn.execute(
+            "insert into business values (%s, %s, %s)", [ctx.job.id, n, ctx.attempt]
+        )
+        if n == 4 and ctx.attempt == 1:
+            # Another worker reaps this job while the batch runs.
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute(
+                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s'"
+                    " where id = %s",
+                    [ctx.job.id],
+                )
+                other.execute("select pgqueue.reap()")
+                other.execute(
+                    "update pgqueue.jobs set run_at = now() where id = %s", [ctx.job.id]
+                )
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(10)])
+    with running_worker(app, concurrency=10, prefetch=10, tx_batch=10) as worker:
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    assert worker.counters.lease_lost >= 1
+    rows = conn.execute(
+        "select job_id, n, attempt from business order by job_id"
+    ).fetchall()
+    # One row per job; job 4's first attempt left none, its second did.
+    assert rows == [(job_id, n, 2 if n == 4 else 1) for n, job_id in enumerate(ids)]
