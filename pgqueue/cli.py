@@ -136,7 +136,9 @@ def worker(
     tx_batch: Annotated[
         int,
         typer.Option(
-            min=1, help="Sync transactional jobs per shared transaction (savepoints)."
+            min=1,
+            max=64,
+            help="Sync transactional jobs per shared transaction and completion.",
         ),
     ] = 1,
     lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,

@@ -43,6 +43,11 @@ from pgqueue.jobs import Job
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 
+# A batch that falls back to savepoints gives each job that wrote a
+# subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
+# of them overflows, and every snapshot on the server gets slower.
+MAX_TX_BATCH = 64
+
 
 def _load_args(text: str) -> Any:
     # Arguments arrive as text (the lease statement casts them): psycopg's jsonb
@@ -93,9 +98,9 @@ class Worker(JobExecution):
         worker_id: str | None = None,
         handle_signals: bool = True,
     ) -> None:
-        if concurrency < 1 or prefetch < 0 or tx_batch < 1:
+        if concurrency < 1 or prefetch < 0 or not 1 <= tx_batch <= MAX_TX_BATCH:
             raise ConfigurationError(
-                "concurrency and tx_batch must be >= 1, prefetch >= 0"
+                f"concurrency must be >= 1, prefetch >= 0, tx_batch 1..{MAX_TX_BATCH}"
             )
         if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")

@@ -28,6 +28,7 @@ FUNCTIONS = {
     "lease",
     "complete",
     "complete_one",
+    "complete_all",
     "fail",
     "heartbeat",
     "reap",
