@@ -56,6 +56,48 @@ def _load_args(text: str) -> Any:
     return {} if text == "{}" else json.loads(text)
 
 
+class _Wakeup:
+    """An event the lease loop sleeps on, with a timeout but no Task.
+
+    ``asyncio.wait_for(event.wait(), t)`` makes a Task per sleep; on the path
+    from NOTIFY to a leased job that was a measurable part of pickup latency.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout: float) -> None:
+        """Return when set, or after ``timeout`` seconds."""
+        if self._set:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Worker(JobExecution):
     """Runs the tasks of an :class:`App` from the given queues.
 
@@ -139,7 +181,10 @@ class Worker(JobExecution):
         self._stopping = False
         self._due = True
         self._next_due_at: float | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake: _Wakeup | None = None
+        # The lease loop's own connection: no pool checkout on the path from a
+        # NOTIFY to a leased job, and its prepared lease statement stays warm.
+        self._lease_conn: psycopg.AsyncConnection[Any] | None = None
         self._flush: asyncio.Event | None = None
         self._flush_lock = asyncio.Lock()
         self._pool: AsyncConnectionPool | None = None
@@ -166,14 +211,15 @@ class Worker(JobExecution):
     async def run_async(self) -> None:
         """The worker's main coroutine."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake = _Wakeup(self._loop)
         self._flush = asyncio.Event()
         dsn = self.app.dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.check_up_to_date(conn, self.app.schema)
         tasks = list(self.app.tasks.values())
-        # Four connections serve lease, completion, heartbeat and maintenance;
-        # async transactional handlers each hold one more while they run.
+        # The pool serves completion, heartbeat, failures and maintenance (the
+        # lease loop has its own connection); async transactional handlers
+        # each hold one more while they run.
         handler_conns = any(t.is_async and t.transactional for t in tasks)
         self._pool = AsyncConnectionPool(
             dsn,
@@ -296,11 +342,10 @@ class Worker(JobExecution):
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await self._wake.wait(seconds)
 
     async def _lease(self, limit: int) -> list[Job]:
-        rows = await self._fetch(
+        rows = await self._fetch_leasing(
             self._stmts.lease, [self.queues, limit, self.worker_id, self.lease_seconds]
         )
         self.counters.lease_calls += 1
@@ -314,7 +359,7 @@ class Worker(JobExecution):
         """Remember when the next scheduled job of our queues is due."""
         assert self._loop is not None
         try:
-            rows = await self._fetch(self._stmts.next_run_at, [self.queues])
+            rows = await self._fetch_leasing(self._stmts.next_run_at, [self.queues])
         except Exception as exc:
             self._log.warning("next_run_at_failed", error=repr(exc))
             return
@@ -481,6 +526,9 @@ class Worker(JobExecution):
             for conn in self._thread_conns:
                 with contextlib.suppress(Exception):
                     conn.close()
+        if self._lease_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._lease_conn.close()
         if self._pool is not None:
             await self._pool.close(timeout=1.0)
         self._log.info(
@@ -498,6 +546,22 @@ class Worker(JobExecution):
         async with self._pool.connection() as conn:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
+
+    async def _fetch_leasing(
+        self, query: str, params: list[Any]
+    ) -> list[tuple[Any, ...]]:
+        """Run a statement of the lease loop on its own connection.
+
+        A connection that broke is replaced on the next call; the error of
+        this one goes to the lease loop, which backs off.
+        """
+        conn = self._lease_conn
+        if conn is None or conn.closed or conn.broken:
+            conn = self._lease_conn = await psycopg.AsyncConnection.connect(
+                self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+            )
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
 
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None
