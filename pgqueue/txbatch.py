@@ -187,8 +187,10 @@ class TxBatcher:
                 break
             item = self._next()
         if failed is None:
-            outcomes += self._commit(conn, ran)
-            _settle(outcomes)
+            try:
+                outcomes += self._commit(conn, ran)
+            finally:
+                _settle(outcomes)  # even when the COMMIT broke the connection
             return
         # The failed handler's writes cannot be told apart from its batch's:
         # roll all back, fail that job alone, run the others again carefully.
