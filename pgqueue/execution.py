@@ -40,6 +40,7 @@ from pgqueue.txbatch import BatchItem, TxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
 FLUSH_MAX = 2000  # completions per statement
+_BIG_INT = 10**18  # smaller ints skip the JSON encoder (a result of 1 is common)
 
 
 def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
@@ -367,6 +368,8 @@ class JobExecution:
     def _result_json(self, result: Any) -> str | None:
         if result is None:
             return None
+        if type(result) is int and -_BIG_INT < result < _BIG_INT:
+            return str(result)  # JSON's own spelling (a bool is not type int)
         return serialization.dumps(
             result, what="result", max_bytes=self.app.max_payload_bytes
         )

@@ -56,6 +56,9 @@ def check_args(task: Task, args: dict[str, Any]) -> None:
     """
     shape = _shape(task.func)
     names = args.keys()
+    # The common case in two subset tests, without building difference sets.
+    if names >= shape.required and (shape.accepts_any or names <= shape.allowed):
+        return
     missing = shape.required - names
     extra = set() if shape.accepts_any else names - shape.allowed
     if missing or extra:
