@@ -87,7 +87,10 @@ def _settle_all(outcomes: Sequence[Outcome]) -> None:
 def _settle(outcomes: Sequence[Outcome]) -> None:
     """Hand results to the event loop: one wake-up for the whole batch."""
     if outcomes:
-        outcomes[0][0].loop.call_soon_threadsafe(_settle_all, list(outcomes))
+        # After the worker stopped, its loop is closed and nobody waits for
+        # these jobs any more (they were handed back).
+        with contextlib.suppress(RuntimeError):
+            outcomes[0][0].loop.call_soon_threadsafe(_settle_all, list(outcomes))
 
 
 class TxBatcher:
