@@ -17,7 +17,7 @@ import psycopg
 import pgqueue
 from pgqueue.retry import ExponentialBackoff
 
-from .worker_helpers import running_worker, wait_until
+from .worker_helpers import reap_now, running_worker, wait_until
 
 Conn = psycopg.Connection[Any]
 FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
@@ -139,16 +139,7 @@ def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(dsn: str, conn: Conn) 
         )
         if n == 4 and ctx.attempt == 1:
             # Another worker reaps this job while the batch runs.
-            with psycopg.connect(dsn, autocommit=True) as other:
-                other.execute(
-                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s'"
-                    " where id = %s",
-                    [ctx.job.id],
-                )
-                other.execute("select pgqueue.reap()")
-                other.execute(
-                    "update pgqueue.jobs set run_at = now() where id = %s", [ctx.job.id]
-                )
+            reap_now(dsn, ctx.job.id, due_now=True)
 
     ids = record.enqueue_many(conn, [{"n": n} for n in range(10)])
     with running_worker(app, concurrency=10, prefetch=10, tx_batch=10) as worker:

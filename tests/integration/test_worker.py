@@ -13,7 +13,7 @@ import pytest
 import pgqueue
 from pgqueue.retry import ExponentialBackoff
 
-from .worker_helpers import running_worker, wait_until
+from .worker_helpers import reap_now, running_worker, wait_until
 
 Conn = psycopg.Connection[Any]
 FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
@@ -277,16 +277,7 @@ def test_a_lost_lease_in_a_completion_batch_fails_only_that_job(
     async def step(ctx: pgqueue.JobContext, n: int) -> int:
         runs.append((n, ctx.attempt))
         if n == 3 and ctx.attempt == 1:
-            with psycopg.connect(dsn, autocommit=True) as other:
-                other.execute(
-                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s",
-                    [ctx.job.id],
-                )
-                other.execute("select pgqueue.reap()")
-                # Due again at once, so the rerun needs no backoff wait.
-                other.execute(
-                    "update pgqueue.jobs set run_at = now() where id = %s", [ctx.job.id]
-                )
+            reap_now(dsn, ctx.job.id, due_now=True)
         return n
 
     ids = step.enqueue_many(conn, [{"n": n} for n in range(20)])
@@ -435,12 +426,7 @@ def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> N
             raise ValueError("every fifth job fails once")
         if n == 7 and ctx.attempt == 1:
             # Another worker reaped this job meanwhile: the completion is fenced.
-            with psycopg.connect(dsn, autocommit=True) as other:
-                other.execute(
-                    "update pgqueue.jobs set lease_expires_at = now() - interval '1 s' where id = %s",
-                    [ctx.job.id],
-                )
-                other.execute("select pgqueue.reap()")
+            reap_now(dsn, ctx.job.id)
 
     ids = record.enqueue_many(business, [{"n": n} for n in range(40)])
     with running_worker(app, concurrency=16, prefetch=16, tx_batch=8) as worker:

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
+
 import pgqueue
 
 from ..waiting import wait_until
 
-__all__ = ["running_worker", "wait_until"]  # tests import both from here
+__all__ = ["reap_now", "running_worker", "wait_until"]  # tests import from here
 
 
 @contextmanager
@@ -38,3 +40,19 @@ def running_worker(app: pgqueue.App, **options: Any) -> Iterator[pgqueue.Worker]
         assert not thread.is_alive(), "worker did not stop"
         if errors:
             raise errors[0]
+
+
+def reap_now(dsn: str, job_id: int, *, due_now: bool = False) -> None:
+    """Expire a running job's lease and reap it, as another worker would after
+    this one froze. With ``due_now`` the rerun skips its backoff."""
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute(
+            "update pgqueue.jobs set lease_expires_at = now() - interval '1 s'"
+            " where id = %s",
+            [job_id],
+        )
+        other.execute("select pgqueue.reap()")
+        if due_now:
+            other.execute(
+                "update pgqueue.jobs set run_at = now() where id = %s", [job_id]
+            )
