@@ -44,6 +44,20 @@ def _timed(n: int, func: Any) -> float:
     return n / (time.perf_counter() - started)
 
 
+async def _enqueue_rates(n: int, one: Any, bulk: Any) -> dict[str, float]:
+    """Jobs/s of n awaits of ``one()`` (a job per transaction), then of ``bulk()``."""
+    started = time.perf_counter()
+    for _ in range(n):
+        await one()
+    rate_one = n / (time.perf_counter() - started)
+    started = time.perf_counter()
+    await bulk()
+    return {
+        "enqueue_one": rate_one,
+        "enqueue_bulk": n / (time.perf_counter() - started),
+    }
+
+
 # -- pgqueue --------------------------------------------------------------------
 
 
@@ -144,13 +158,7 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
         if role == "fill":
             await bulk()
             return None
-        started = time.perf_counter()
-        for _ in range(n):
-            await queries.enqueue("noop", None)
-        one = n / (time.perf_counter() - started)
-        started = time.perf_counter()
-        await bulk()
-        return {"enqueue_one": one, "enqueue_bulk": n / (time.perf_counter() - started)}
+        return await _enqueue_rates(n, lambda: queries.enqueue("noop", None), bulk)
     if role == "produce":
         committed = {}
         for _ in range(int(arg)):
@@ -207,16 +215,7 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
             if role == "fill":
                 await bulk()
                 return None
-            started = time.perf_counter()
-            for _ in range(n):
-                await noop.defer_async()
-            one = n / (time.perf_counter() - started)
-            started = time.perf_counter()
-            await bulk()
-            return {
-                "enqueue_one": one,
-                "enqueue_bulk": n / (time.perf_counter() - started),
-            }
+            return await _enqueue_rates(n, noop.defer_async, bulk)
         if role == "produce":
             committed = {}
             for _ in range(int(arg)):
@@ -299,16 +298,7 @@ async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
             if role == "fill":
                 await bulk()
                 return None
-            started = time.perf_counter()
-            for _ in range(n):
-                await client.enqueue(Noop.new())
-            one = n / (time.perf_counter() - started)
-            started = time.perf_counter()
-            await bulk()
-            return {
-                "enqueue_one": one,
-                "enqueue_bulk": n / (time.perf_counter() - started),
-            }
+            return await _enqueue_rates(n, lambda: client.enqueue(Noop.new()), bulk)
         if role == "drain":
             # Oban has no run-until-empty mode: poll its jobs table, on a
             # connection of our own, until no job is left to run or running
