@@ -42,6 +42,7 @@ from pgqueue.execution import FLUSH_MAX, Attempt, Counters, JobExecution, comple
 from pgqueue.jobs import Job
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
+from pgqueue.wakeup import Wakeup
 
 # A batch that falls back to savepoints gives each job that wrote a
 # subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
@@ -54,48 +55,6 @@ def _load_args(text: str) -> Any:
     # loader cost 3 us a row, and most jobs of a busy queue carry '{}' or a
     # small object that json.loads reads faster on its own.
     return {} if text == "{}" else json.loads(text)
-
-
-class _Wakeup:
-    """An event the lease loop sleeps on, with a timeout but no Task.
-
-    ``asyncio.wait_for(event.wait(), t)`` makes a Task per sleep; on the path
-    from NOTIFY to a leased job that was a measurable part of pickup latency.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    async def wait(self, timeout: float) -> None:
-        """Return when set, or after ``timeout`` seconds."""
-        if self._set:
-            return
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Worker(JobExecution):
@@ -181,7 +140,7 @@ class Worker(JobExecution):
         self._stopping = False
         self._due = True
         self._next_due_at: float | None = None
-        self._wake: _Wakeup | None = None
+        self._wake: Wakeup | None = None
         # The lease loop's own connection: no pool checkout on the path from a
         # NOTIFY to a leased job, and its prepared lease statement stays warm.
         self._lease_conn: psycopg.AsyncConnection[Any] | None = None
@@ -211,7 +170,7 @@ class Worker(JobExecution):
     async def run_async(self) -> None:
         """The worker's main coroutine."""
         self._loop = asyncio.get_running_loop()
-        self._wake = _Wakeup(self._loop)
+        self._wake = Wakeup(self._loop)
         self._flush = asyncio.Event()
         dsn = self.app.dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
