@@ -81,4 +81,4 @@ soak: install ## the fault and load tests at soak sizes (1M backlog, 10k jobs un
 
 clean: ## remove the venvs and the embedded server's data
 	-[ -x $(PY) ] && $(PY) -m pgqueue.embedded stop $(EMBEDDED_DIR)
-	rm -rf $(VENV) .venv-bench $(EMBEDDED_DIR) .embedded-pg-test
+	rm -rf $(VENV) .venv-bench .venv-bench-oban $(EMBEDDED_DIR) .embedded-pg-test
