@@ -89,6 +89,47 @@ def peer(system: str, role: str, dsn: str, *args: str) -> Any:
     return json.loads(out[-1]) if out else None
 
 
+# -- server CPU ----------------------------------------------------------------------
+
+
+class ServerCpu:
+    """CPU seconds used by the PostgreSQL server so far, read from /proc: its
+    postmaster (with the backends it has reaped) and every live child. Only
+    when the server runs on this machine; otherwise ``read()`` gives None."""
+
+    def __init__(self, dsn: str) -> None:
+        self.postmaster: int | None = None
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+        try:
+            backend = Path(f"/proc/{row[0] if row else 0}/stat").read_text()
+        except OSError:
+            return  # not this machine's server
+        self.postmaster = int(backend[backend.rindex(")") + 2 :].split()[1])
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> float | None:
+        if self.postmaster is None:
+            return None
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text()
+            except OSError:
+                continue  # exited while we looked
+            pid = int(stat.parent.name)
+            rest = fields[fields.rindex(")") + 2 :].split()
+            if pid == self.postmaster:  # utime, stime, cutime, cstime
+                total += sum(int(x) for x in rest[11:15])
+            elif int(rest[1]) == self.postmaster:  # utime, stime
+                total += int(rest[11]) + int(rest[12])
+        return total / self.tick
+
+
+def per_job_us(seconds: float | None, n: int) -> float | None:
+    return None if seconds is None else seconds / n * 1e6
+
+
 # -- raw SQL ceilings (pgbench) ---------------------------------------------------
 
 RAW_TABLE = """
@@ -162,14 +203,23 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
         res[f"take_one_business_{clients}c"] = pgbench(
             fresh(n), SCRIPTS["take_one_business"], clients, n // clients
         )
+    cpu = ServerCpu(server)
     for clients in (1, 2):
-        res[f"take_batch_{clients}c"] = statistics.median(
-            pgbench(
-                fresh(fast_n), SCRIPTS["take_batch"], clients, fast_n // (100 * clients)
+        runs = []
+        for _ in range(repeat):
+            dsn = fresh(fast_n)
+            before = cpu.read()
+            rate = pgbench(
+                dsn, SCRIPTS["take_batch"], clients, fast_n // (100 * clients)
             )
-            * 100
-            for _ in range(repeat)
-        )
+            after = cpu.read()
+            used = None if before is None or after is None else after - before
+            runs.append((rate * 100, per_job_us(used, fast_n)))
+        res[f"take_batch_{clients}c"] = statistics.median(r[0] for r in runs)
+        if runs[0][1] is not None:
+            res[f"take_batch_{clients}c_server_cpu_us"] = statistics.median(
+                r[1] for r in runs if r[1] is not None
+            )
     drop_db(server, "pqbench_raw")
     return res
 
@@ -177,11 +227,15 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
 # -- peers -------------------------------------------------------------------------
 
 
-def drain(server: str, system: str, n: int, processes: int) -> float:
+def drain(server: str, system: str, n: int, processes: int) -> dict[str, float]:
+    """Jobs/s from the first handler call to the last, and CPU per job: of the
+    worker processes over the same span, and of the server over the whole run."""
     name = f"pqbench_{system}"
     dsn = fresh_db(server, name)
     peer(system, "setup", dsn, "-")
     peer(system, "fill", dsn, str(n))
+    cpu = ServerCpu(dsn)
+    server_before = cpu.read()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"calls{i}.json") for i in range(processes)]
         procs = [
@@ -191,15 +245,21 @@ def drain(server: str, system: str, n: int, processes: int) -> float:
         for proc in procs:
             if proc.wait(timeout=1800) != 0:
                 raise RuntimeError(f"{system} drain worker failed")
-        calls = [c for out in outs for c in json.loads(Path(out).read_text())]
+        server_after = cpu.read()
+        per_process = [json.loads(Path(out).read_text()) for out in outs]
     drop_db(server, name)
+    calls = [c for process_calls in per_process for c in process_calls]
     ids = {c[0] for c in calls}
     if len(calls) != n or len(ids) != n:
         raise RuntimeError(
             f"{system}: {len(calls)} handler calls for {len(ids)} of {n} jobs"
         )
     times = [c[1] for c in calls]
-    return n / (max(times) - min(times))
+    worker_cpu = sum(p[-1][2] - p[0][2] for p in per_process if p)
+    res = {"rate": n / (max(times) - min(times)), "worker_cpu_us": worker_cpu / n * 1e6}
+    if server_before is not None and server_after is not None:
+        res["server_cpu_us"] = (server_after - server_before) / n * 1e6
+    return res
 
 
 def latency(server: str, system: str, jobs: int) -> dict[str, float]:
@@ -217,7 +277,9 @@ def latency(server: str, system: str, jobs: int) -> dict[str, float]:
             raise RuntimeError(f"{system} listen worker failed")
         calls = json.loads(Path(out).read_text())
     drop_db(server, name)
-    waits = sorted((start - committed[str(job_id)]) * 1000 for job_id, start in calls)
+    waits = sorted(
+        (start - committed[str(job_id)]) * 1000 for job_id, start, _ in calls
+    )
     if len(waits) != jobs:
         raise RuntimeError(f"{system}: {len(waits)} of {jobs} latency jobs ran")
     cuts = statistics.quantiles(waits, n=100, method="inclusive")
@@ -239,9 +301,12 @@ def measure(
     size = drain_n.get(system, n)
     for processes in (1, 2):
         # Median of `repeat` drains: a fast drain varies +-15 % run to run.
-        res[f"drain_{processes}proc"] = statistics.median(
-            drain(server, system, size, processes) for _ in range(repeat)
-        )
+        runs = [drain(server, system, size, processes) for _ in range(repeat)]
+        for figure, suffix in (("rate", ""), ("worker_cpu_us", "_worker_cpu_us"),
+                               ("server_cpu_us", "_server_cpu_us")):  # fmt: skip
+            values = [r[figure] for r in runs if figure in r]
+            if values:
+                res[f"drain_{processes}proc{suffix}"] = statistics.median(values)
     res.update(latency(server, system, 300))
     return res
 
@@ -264,6 +329,8 @@ CEILING = {
     "enqueue_bulk": "insert_bulk",
     "drain_1proc": "take_batch_1c",
     "drain_2proc": "take_batch_2c",
+    "drain_1proc_server_cpu_us": "take_batch_1c_server_cpu_us",
+    "drain_2proc_server_cpu_us": "take_batch_2c_server_cpu_us",
     "business_1proc": "take_one_business_8c",
     "business_2proc": "take_one_business_8c",
     "business_async_1proc": "take_one_business_8c",
@@ -271,7 +338,11 @@ CEILING = {
     "business_batched_1proc": "take_one_business_8c",
     "business_batched_2proc": "take_one_business_8c",
 }
-LOWER_IS_BETTER = {"latency_p50_ms", "latency_p95_ms", "latency_p99_ms"}
+LOWER_IS_BETTER = {
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
+    "drain_1proc_worker_cpu_us", "drain_1proc_server_cpu_us",
+    "drain_2proc_worker_cpu_us", "drain_2proc_server_cpu_us",
+}  # fmt: skip
 
 
 def report(raw: dict[str, float], systems: dict[str, dict[str, float]]) -> str:

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 BULK_CHUNK = 10_000
-calls: list[tuple[int, float]] = []  # (job id, handler start), this process
+# (job id, handler start, this process's CPU seconds so far), this process: the
+# drain's rate and its worker CPU per job are both taken from first to last call.
+calls: list[tuple[int, float, float]] = []
+
+
+def _called(job_id: int) -> int:
+    calls.append((job_id, time.time(), time.process_time()))
+    return len(calls)
 
 
 def _write(out: str) -> None:
@@ -75,8 +82,8 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
 
     @app.task(transactional=False)
     async def noop(ctx: pgqueue.JobContext) -> None:
-        calls.append((ctx.job.id, time.time()))
-        if worker is not None and stop_after and len(calls) >= stop_after:
+        done_calls = _called(ctx.job.id)
+        if worker is not None and stop_after and done_calls >= stop_after:
             worker.stop()
 
     if role == "setup":
@@ -171,8 +178,8 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
 
     @qm.entrypoint("noop")
     async def noop(job: Any) -> None:
-        calls.append((int(job.id), time.time()))
-        if stop_after and len(calls) >= stop_after:
+        done_calls = _called(int(job.id))
+        if stop_after and done_calls >= stop_after:
             qm.shutdown.set()
 
     if role == "drain":
@@ -197,8 +204,8 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
 
     @app.task(name="noop", pass_context=True)
     async def noop(context: Any) -> None:
-        calls.append((int(context.job.id), time.time()))
-        if stop_after and len(calls) >= stop_after:
+        done_calls = _called(int(context.job.id))
+        if stop_after and done_calls >= stop_after:
             done.set()
 
     async with app.open_async():
@@ -270,8 +277,8 @@ async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
         __qualname__ = "Noop"  # the worker name stored per job: __main__.Noop
 
         async def process(self, job: Any) -> None:
-            calls.append((int(job.id), time.time()))
-            if stop_after and len(calls) >= stop_after:
+            done_calls = _called(int(job.id))
+            if stop_after and done_calls >= stop_after:
                 done.set()
 
     pool = await Oban.create_pool(dsn)  # Oban's own pool defaults: 1 to 10
