@@ -125,6 +125,10 @@ class ServerCpu:
                 total += int(rest[11]) + int(rest[12])
         return total / self.tick
 
+    @staticmethod
+    def used(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None else after - before
+
 
 def per_job_us(seconds: float | None, n: int) -> float | None:
     return None if seconds is None else seconds / n * 1e6
@@ -212,8 +216,7 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
             rate = pgbench(
                 dsn, SCRIPTS["take_batch"], clients, fast_n // (100 * clients)
             )
-            after = cpu.read()
-            used = None if before is None or after is None else after - before
+            used = ServerCpu.used(before, cpu.read())
             runs.append((rate * 100, per_job_us(used, fast_n)))
         res[f"take_batch_{clients}c"] = statistics.median(r[0] for r in runs)
         if runs[0][1] is not None:
@@ -257,8 +260,9 @@ def drain(server: str, system: str, n: int, processes: int) -> dict[str, float]:
     times = [c[1] for c in calls]
     worker_cpu = sum(p[-1][2] - p[0][2] for p in per_process if p)
     res = {"rate": n / (max(times) - min(times)), "worker_cpu_us": worker_cpu / n * 1e6}
-    if server_before is not None and server_after is not None:
-        res["server_cpu_us"] = (server_after - server_before) / n * 1e6
+    server_cpu = per_job_us(ServerCpu.used(server_before, server_after), n)
+    if server_cpu is not None:
+        res["server_cpu_us"] = server_cpu
     return res
 
 
