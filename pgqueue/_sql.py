@@ -80,6 +80,11 @@ _TEMPLATES: dict[str, LiteralString] = {
     "unregister_worker": "select {schema}.unregister_worker(%s)",
     "prune": "select {schema}.prune(make_interval(secs => %s), %s)",
     "cancel": "select {schema}.cancel(%s)",
+    "configure_queue": "select {schema}.configure_queue(%s, %s)",
+    "queue_options": (
+        "select coalesce((select keep_succeeded from {schema}.queues where name = %s),"
+        " true)"
+    ),
     "retry": "select {schema}.retry(%s)",
     "retry_dead": "select {schema}.retry_dead(%s)",
     "queue_depth": (
@@ -126,6 +131,8 @@ class Statements:
     unregister_worker: str
     prune: str
     cancel: str
+    configure_queue: str
+    queue_options: str
     retry: str
     retry_dead: str
     queue_depth: str

@@ -392,6 +392,33 @@ def cancel(job_id: Annotated[int, typer.Argument()]) -> None:
 
 
 @cli.command()
+def queue(
+    name: Annotated[str, typer.Argument(help="The queue.")],
+    keep_succeeded: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-succeeded/--discard-succeeded",
+            help="Keep succeeded jobs in finished_jobs until pruned (the default),"
+            " or delete them on completion (no result kept; fastest).",
+        ),
+    ] = None,
+) -> None:
+    """Show a queue's options, or set them."""
+    from pgqueue.producer import check_queue
+
+    try:
+        check_queue(name)
+    except PgqueueError as exc:
+        _fail(str(exc))
+    stmts = _sql.statements(_settings.schema)
+    with _connect() as conn:
+        if keep_succeeded is not None:
+            _fetch(conn, stmts.configure_queue, [name, keep_succeeded])
+        keep = _fetch(conn, stmts.queue_options, [name])[0][0]
+    typer.echo(f"queue {name}: keep_succeeded={str(keep).lower()}")
+
+
+@cli.command()
 def prune(
     older_than: Annotated[
         float, typer.Option(help="Age in hours of finished jobs to delete.")

