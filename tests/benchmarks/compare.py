@@ -230,12 +230,14 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
 # -- peers -------------------------------------------------------------------------
 
 
-def drain(server: str, system: str, n: int, processes: int) -> dict[str, float]:
+def drain(
+    server: str, system: str, n: int, processes: int, setup: str = "-"
+) -> dict[str, float]:
     """Jobs/s from the first handler call to the last, and CPU per job: of the
     worker processes over the same span, and of the server over the whole run."""
     name = f"pqbench_{system}"
     dsn = fresh_db(server, name)
-    peer(system, "setup", dsn, "-")
+    peer(system, "setup", dsn, setup)
     peer(system, "fill", dsn, str(n))
     cpu = ServerCpu(dsn)
     server_before = cpu.read()
@@ -294,6 +296,28 @@ def latency(server: str, system: str, jobs: int) -> dict[str, float]:
     }
 
 
+def drain_figures(
+    server: str,
+    system: str,
+    n: int,
+    processes: int,
+    repeat: int,
+    setup: str = "-",
+    suffix: str = "",
+) -> dict[str, float]:
+    """Median of `repeat` drains (a fast drain varies +-15 % run to run) of the
+    rate and the CPU per job, as drain_{processes}proc{suffix}[_worker_cpu_us...]."""
+    runs = [drain(server, system, n, processes, setup) for _ in range(repeat)]
+    key = f"drain_{processes}proc{suffix}"
+    res = {}
+    for figure, name in (("rate", key), ("worker_cpu_us", f"{key}_worker_cpu_us"),
+                         ("server_cpu_us", f"{key}_server_cpu_us")):  # fmt: skip
+        values = [r[figure] for r in runs if figure in r]
+        if values:
+            res[name] = statistics.median(values)
+    return res
+
+
 def measure(
     server: str, system: str, n: int, drain_n: dict[str, int], repeat: int
 ) -> dict[str, float]:
@@ -304,13 +328,7 @@ def measure(
     drop_db(server, name)
     size = drain_n.get(system, n)
     for processes in (1, 2):
-        # Median of `repeat` drains: a fast drain varies +-15 % run to run.
-        runs = [drain(server, system, size, processes) for _ in range(repeat)]
-        for figure, suffix in (("rate", ""), ("worker_cpu_us", "_worker_cpu_us"),
-                               ("server_cpu_us", "_server_cpu_us")):  # fmt: skip
-            values = [r[figure] for r in runs if figure in r]
-            if values:
-                res[f"drain_{processes}proc{suffix}"] = statistics.median(values)
+        res.update(drain_figures(server, system, size, processes, repeat))
     res.update(latency(server, system, 300))
     return res
 
@@ -333,8 +351,12 @@ CEILING = {
     "enqueue_bulk": "insert_bulk",
     "drain_1proc": "take_batch_1c",
     "drain_2proc": "take_batch_2c",
+    "drain_1proc_discard": "take_batch_1c",
+    "drain_2proc_discard": "take_batch_2c",
     "drain_1proc_server_cpu_us": "take_batch_1c_server_cpu_us",
     "drain_2proc_server_cpu_us": "take_batch_2c_server_cpu_us",
+    "drain_1proc_discard_server_cpu_us": "take_batch_1c_server_cpu_us",
+    "drain_2proc_discard_server_cpu_us": "take_batch_2c_server_cpu_us",
     "business_1proc": "take_one_business_8c",
     "business_2proc": "take_one_business_8c",
     "business_async_1proc": "take_one_business_8c",
@@ -346,6 +368,8 @@ LOWER_IS_BETTER = {
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
     "drain_1proc_worker_cpu_us", "drain_1proc_server_cpu_us",
     "drain_2proc_worker_cpu_us", "drain_2proc_server_cpu_us",
+    "drain_1proc_discard_worker_cpu_us", "drain_1proc_discard_server_cpu_us",
+    "drain_2proc_discard_worker_cpu_us", "drain_2proc_discard_server_cpu_us",
 }  # fmt: skip
 
 
@@ -447,6 +471,19 @@ def main() -> None:
             )
             if system == "pgqueue":
                 results[system].update(pgqueue_extra(args.dsn, args.n))
+                # A queue that keeps no succeeded jobs (README: Run workers).
+                for processes in (1, 2):
+                    results[system].update(
+                        drain_figures(
+                            args.dsn,
+                            "pgqueue",
+                            args.fast_n,
+                            processes,
+                            args.repeat,
+                            setup="discard",
+                            suffix="_discard",
+                        )
+                    )
         except Exception as exc:  # report the others even if one system fails
             print(f"{system}: FAILED: {exc}", flush=True)
             continue

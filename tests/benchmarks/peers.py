@@ -89,6 +89,8 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
     if role == "setup":
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.migrate(conn)
+            if arg == "discard":  # compare.py's drains without history
+                conn.execute("select pgqueue.configure_queue('default', false)")
         return None
     if role in ("enqueue", "fill"):
         n = int(arg)
