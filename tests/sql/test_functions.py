@@ -180,6 +180,42 @@ def test_configure_queue_sets_and_resets_the_option(conn: Conn) -> None:
     ).fetchall() == [("fast", True)]
 
 
+def test_fenced_statements_find_running_jobs_by_primary_key(conn: Conn) -> None:
+    # Statistics taken while nothing runs, as after a bulk load, and plans made
+    # for any array (as plpgsql's cached plans are): a fenced statement must
+    # still look its jobs up by id, not read every running row (migration 0005).
+    conn.execute(
+        "insert into pgqueue.jobs (task) select 't' from generate_series(1, 20000)"
+    )
+    conn.execute("analyze pgqueue.jobs")
+    leased = lease(conn, 2000)
+    ids, tokens = [r[0] for r in leased], [r[1] for r in leased]
+    conn.execute("set plan_cache_mode = force_generic_plan")
+    with conn.transaction():
+        done = conn.execute(
+            "select pgqueue.complete(%s, %s)", [ids[:500], tokens[:500]]
+        ).fetchall()
+        held = conn.execute(
+            "select pgqueue.heartbeat('w', %s, %s, 60)", [ids[500:], tokens[500:]]
+        ).fetchall()
+        back = conn.execute(
+            "select pgqueue.hand_back(%s, %s)", [ids[500:1000], tokens[500:1000]]
+        ).fetchall()
+        state = one(
+            conn,
+            "select pgqueue.fail(%s, %s, '{}', 0)::text",
+            [ids[1000], tokens[1000]],
+        )
+        scans = conn.execute(
+            "select pg_stat_get_xact_numscans('pgqueue.jobs_lease_expiry_idx'::regclass),"
+            " pg_stat_get_xact_numscans('pgqueue.jobs_pkey'::regclass)"
+        ).fetchone()
+    assert (len(done), len(held), len(back), state) == (500, 1500, 500, "queued")
+    assert scans is not None
+    expiry_scans, pkey_scans = scans
+    assert expiry_scans == 0 and pkey_scans > 0
+
+
 def test_fail_retries_with_delay_then_dead_with_history(conn: Conn) -> None:
     job_id = enqueue(conn, max_attempts=2)
     [(_, token, _)] = lease(conn)
