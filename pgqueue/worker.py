@@ -288,6 +288,11 @@ class Worker(JobExecution):
                         return
                     await self._plan_next_due()
                 continue
+            if self.until_empty and not (self._running or self._ready or self._done):
+                # Everything leased has finished and is written: one more look,
+                # and the lease above exits if it finds nothing due.
+                self._due = True
+                continue
             await self._sleep(self._wait_time())
             if not self._wake.is_set():
                 self._due = True  # the poll interval passed: look again
@@ -360,6 +365,8 @@ class Worker(JobExecution):
             await self._flush.wait()
             self._flush.clear()
             await self._flush_now()
+            if self.until_empty:
+                self._wake_up()  # perhaps the last completions: see _lease_loop
 
     async def _flush_now(self) -> None:
         # One writer at a time: shutdown's final flush waits for a write in

@@ -412,6 +412,34 @@ def test_until_empty_drains_and_returns(dsn: str, conn: Conn) -> None:
     assert depth == (0, 0, 300)
 
 
+@pytest.mark.parametrize("transactional", [False, True])
+def test_until_empty_returns_after_the_last_completion_not_at_the_next_poll(
+    dsn: str, conn: Conn, transactional: bool
+) -> None:
+    """Fewer jobs than free slots: the one lease takes them all and finds the
+    queue drained while their completions are still unwritten. The worker must
+    look again once they are written, not sleep its poll interval (an hour here:
+    a worker that waits for it does not return)."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=transactional)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    noop.enqueue_many(conn, [{}] * 10)
+    worker = pgqueue.Worker(
+        app, until_empty=True, handle_signals=False, concurrency=50, poll_interval=3600
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        worker.stop()
+        thread.join(timeout=30)
+        pytest.fail("the --until-empty worker waited for its poll interval")
+    assert worker.counters.succeeded == 10
+
+
 def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> None:
     """Jobs sharing a transaction (savepoints): a failure or a lost lease undoes
     only that job's writes; the others commit with their completions."""
