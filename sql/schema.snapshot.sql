@@ -1111,7 +1111,7 @@ create function "pgqueue".configure_queue(
     p_keep_succeeded boolean
 ) returns void
 language sql as $$
-    insert into "pgqueue".queues as q (name, keep_succeeded)
+    insert into "pgqueue".queues (name, keep_succeeded)
     values (p_queue, p_keep_succeeded)
     on conflict (name) do update set keep_succeeded = excluded.keep_succeeded
 $$;

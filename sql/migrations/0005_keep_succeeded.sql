@@ -23,7 +23,7 @@ create function :pgqueue_schema.configure_queue(
     p_keep_succeeded boolean
 ) returns void
 language sql as $$
-    insert into :pgqueue_schema.queues as q (name, keep_succeeded)
+    insert into :pgqueue_schema.queues (name, keep_succeeded)
     values (p_queue, p_keep_succeeded)
     on conflict (name) do update set keep_succeeded = excluded.keep_succeeded
 $$;
