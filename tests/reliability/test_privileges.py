@@ -42,7 +42,7 @@ def roles(conn: psycopg.Connection[Any], dsn: str) -> Iterator[dict[str, str]]:
         conn.execute(sql.SQL("drop role {}").format(sql.Identifier(name)))
 
 
-def test_roles(roles: dict[str, str]) -> None:
+def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
     # The owner (no superuser, no CREATE on the database) migrates its schema.
     with psycopg.connect(roles["owner"], autocommit=True) as owner:
         assert owner.execute(
@@ -57,6 +57,8 @@ def test_roles(roles: dict[str, str]) -> None:
                 sql.SQL("select priv.{}(%s)").format(sql.Identifier(f"grant_{kind}")),
                 [user],
             )
+        # Queue options: the owner's, and a worker's (it changes the tables).
+        owner.execute("select priv.configure_queue('fast', false)")
 
     # The producer enqueues (one, bulk by arrays, bulk by COPY) but reads nothing.
     producer_app = pgqueue.App(roles["producer"], schema="priv")
@@ -72,10 +74,18 @@ def test_roles(roles: dict[str, str]) -> None:
         )
         producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(10)])
         producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(600)])
+        # A queue that keeps no succeeded jobs: their keys go with them.
+        fast = [
+            producer_app.enqueue(
+                producer, "record", {"n": i}, queue="fast", idempotency_key=f"f{i}"
+            )
+            for i in range(3)
+        ]
         for query in (
             "select args from priv.jobs",
             "select * from priv.jobs_overview",
             "select * from priv.lease(array['default'], 1, 'thief', 60)",
+            "select priv.configure_queue('default', false)",
             "create table priv.sneaky (x int)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -89,13 +99,27 @@ def test_roles(roles: dict[str, str]) -> None:
         ctx.conn.execute("insert into business values (%s)", [ctx.job.id])
 
     pgqueue.Worker(
-        worker_app, until_empty=True, handle_signals=False, concurrency=8
+        worker_app,
+        queues=["default", "fast"],
+        until_empty=True,
+        handle_signals=False,
+        concurrency=8,
     ).run()
     with psycopg.connect(roles["worker"], autocommit=True) as worker:
         depth = worker.execute(
             "select queued, running, succeeded from priv.queue_depth"
+            " where queue = 'default'"
         ).fetchone()
         assert depth == (0, 0, 611)
+        ran = conn.execute(  # business is write-only for the worker
+            "select count(*) from business where job_id = any(%s)", [fast]
+        ).fetchone()
+        assert ran == (3,)
+        left = worker.execute(
+            "select (select count(*) from priv.jobs_overview where queue = 'fast'),"
+            " (select count(*) from priv.idempotency_keys where queue = 'fast')"
+        ).fetchone()
+        assert left == (0, 0)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             worker.execute("create table priv.sneaky (x int)")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
