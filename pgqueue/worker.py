@@ -471,12 +471,11 @@ class Worker(JobExecution):
                 self._log.info("jobs_handed_back", job_ids=[r[0] for r in rows])
             except Exception as exc:
                 self._log.warning("hand_back_failed", error=repr(exc))
-            for attempt in left:
-                if attempt.future is not None:
-                    attempt.future.cancel()
-            await asyncio.wait(
-                [a.future for a in left if a.future is not None], timeout=1
-            )
+            cancelled = [a.future for a in left if a.future is not None]
+            for future in cancelled:
+                future.cancel()
+            if cancelled:  # asyncio.wait refuses an empty list
+                await asyncio.wait(cancelled, timeout=1)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_now(), 10)
         for task in background:

@@ -471,3 +471,30 @@ def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> N
         "select state::text, count(*) from pgqueue.jobs_overview group by 1"
     ).fetchall()
     assert states == [("succeeded", 40)]
+
+
+def test_stop_with_only_prefetched_jobs_left_writes_the_finished_ones(
+    dsn: str, conn: Conn
+) -> None:
+    """The running job finishes within the grace period, and only prefetched
+    jobs (never started) are left: they are handed back, and the finished
+    job's buffered completion is still written before the worker exits."""
+    app = pgqueue.App(dsn)
+    started = threading.Event()
+
+    @app.task(transactional=False)
+    async def slow(ctx: pgqueue.JobContext) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+
+    ids = slow.enqueue_many(conn, [{}] * 3)
+    with running_worker(app, concurrency=1, prefetch=2, shutdown_grace=10):
+        started.wait(10)
+    states = conn.execute(
+        "select id, state::text, attempts from pgqueue.jobs_overview order by id"
+    ).fetchall()
+    assert states == [
+        (ids[0], "succeeded", 0),
+        (ids[1], "queued", 0),
+        (ids[2], "queued", 0),
+    ]
