@@ -124,6 +124,7 @@ class Counters:
     lease_lost: int = 0
     leased: int = 0
     lease_calls: int = 0
+    leases_ahead: int = 0  # sent before the previous batch started (worker.py)
 
 
 class JobExecution:

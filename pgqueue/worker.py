@@ -136,6 +136,10 @@ class Worker(JobExecution):
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
+        # The most one lease takes: half the slots, so that another lease can be
+        # on its way while a batch starts (_lease_ahead).
+        self._lease_max = max(self._batch_min, -(-(concurrency + prefetch) // 2))
+        self._ahead: tuple[int, asyncio.Task[list[tuple[Any, ...]]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._due = True
@@ -253,49 +257,97 @@ class Worker(JobExecution):
         self._stopping = True
         self._wake_up()
 
+    def _free(self) -> int:
+        return self.concurrency + self.prefetch - len(self._running) - len(self._ready)
+
     async def _lease_loop(self) -> None:
         assert self._wake is not None and self._loop is not None
         backoff = 0.05
-        while not self._stopping:
-            self._wake.clear()
-            free = (
-                self.concurrency + self.prefetch - len(self._running) - len(self._ready)
-            )
-            now = self._loop.time()
-            if self._next_due_at is not None and now >= self._next_due_at:
-                self._next_due_at = None
-                self._due = True
-            if (
-                self._due
-                and free > 0
-                and (free >= self._batch_min or not (self._running or self._ready))
-            ):
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                if self._ahead is not None:
+                    limit, sent = self._ahead
+                    self._ahead = None
+                    leasing: Any = sent
+                else:
+                    free = self._free()
+                    now = self._loop.time()
+                    if self._next_due_at is not None and now >= self._next_due_at:
+                        self._next_due_at = None
+                        self._due = True
+                    if not (
+                        self._due
+                        and free > 0
+                        and (
+                            free >= self._batch_min
+                            or not (self._running or self._ready)
+                        )
+                    ):
+                        if self.until_empty and not (
+                            self._running or self._ready or self._done
+                        ):
+                            # Everything leased has finished and is written: one
+                            # more look, and the lease exits if nothing is due.
+                            self._due = True
+                            continue
+                        await self._sleep(self._wait_time())
+                        if not self._wake.is_set():
+                            self._due = True  # the poll interval passed: look again
+                        continue
+                    limit = min(free, self._lease_max)
+                    leasing = self._lease_rows(limit)
                 try:
-                    jobs = await self._lease(free)
+                    rows = await leasing
                     backoff = 0.05
                 except Exception as exc:
                     self._log.warning("lease_failed", error=repr(exc))
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                self._ready.extend(jobs)
-                self._dispatch()
-                if len(jobs) < free:
+                if len(rows) == limit and not self._stopping:
+                    self._lease_ahead(len(rows))
+                self._ready.extend(self._jobs(rows))
+                if not self._stopping:  # else shutdown hands them back
+                    self._dispatch()
+                if len(rows) < limit:
                     self._due = False
                     if self.until_empty and not (
                         self._running or self._ready or self._done
                     ):
                         return
                     await self._plan_next_due()
-                continue
-            if self.until_empty and not (self._running or self._ready or self._done):
-                # Everything leased has finished and is written: one more look,
-                # and the lease above exits if it finds nothing due.
-                self._due = True
-                continue
-            await self._sleep(self._wait_time())
-            if not self._wake.is_set():
-                self._due = True  # the poll interval passed: look again
+        finally:
+            # A lease sent ahead that nobody awaited: its jobs go to _ready, which
+            # shutdown hands back, so none of them waits out its lease.
+            if self._ahead is not None:
+                _, sent = self._ahead
+                self._ahead = None
+                with contextlib.suppress(Exception):
+                    self._ready.extend(self._jobs(await sent))
+
+    def _lease_ahead(self, arrived: int) -> None:
+        """Send the next lease before starting the jobs that just arrived.
+
+        A full lease means more jobs are waiting. Starting a batch of short jobs
+        takes the worker about as long as the server takes to lease the next
+        one, so the next lease goes out first (its statement is on the wire when
+        this returns) and the two overlap; the loop awaits it next. Only while
+        the jobs just leased leave enough slots free: each lease takes at most
+        half of them (_lease_max), so a busy worker keeps one batch in hand
+        and one on its way.
+        """
+        free = self._free() - arrived
+        if free >= self._batch_min:
+            limit = min(free, self._lease_max)
+            try:
+                sent = eager.start(self._lease_rows(limit))
+            except Exception as exc:  # the loop leases again as usual
+                self._log.warning("lease_failed", error=repr(exc))
+                return
+            if sent is not None:  # always: a lease waits for the server
+                self._ahead = (limit, sent)
+                self.counters.leases_ahead += 1
 
     def _wait_time(self) -> float:
         assert self._loop is not None
@@ -308,10 +360,12 @@ class Worker(JobExecution):
         assert self._wake is not None
         await self._wake.wait(seconds)
 
-    async def _lease(self, limit: int) -> list[Job]:
-        rows = await self._fetch_leasing(
+    async def _lease_rows(self, limit: int) -> list[tuple[Any, ...]]:
+        return await self._fetch_leasing(
             self._stmts.lease, [self.queues, limit, self.worker_id, self.lease_seconds]
         )
+
+    def _jobs(self, rows: list[tuple[Any, ...]]) -> list[Job]:
         self.counters.lease_calls += 1
         self.counters.leased += len(rows)
         return [

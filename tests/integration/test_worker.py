@@ -473,6 +473,36 @@ def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> N
     assert states == [("succeeded", 40)]
 
 
+def test_a_lease_sent_ahead_is_handed_back_when_the_worker_stops(
+    dsn: str, conn: Conn
+) -> None:
+    """A busy worker sends its next lease before it starts the jobs that just
+    arrived (each lease takes half the slots: 10 here). A stop requested by job
+    25 arrives while the lease of jobs 30-39 is on its way: those jobs must not
+    start, nor wait out their lease; they are handed back untouched."""
+    app = pgqueue.App(dsn)
+    calls: list[int] = []
+    worker: pgqueue.Worker | None = None
+
+    @app.task(transactional=False)
+    async def step(ctx: pgqueue.JobContext, n: int) -> None:
+        calls.append(n)
+        if n == 25:
+            assert worker is not None
+            worker.stop()
+
+    step.enqueue_many(conn, [{"n": n} for n in range(200)])
+    worker = pgqueue.Worker(app, concurrency=10, prefetch=10, handle_signals=False)
+    worker.run()
+    assert worker.counters.leases_ahead >= 3
+    assert calls == list(range(30))
+    states = conn.execute(
+        "select state::text, count(*), max(attempts) from pgqueue.jobs_overview"
+        " group by 1 order by 1"
+    ).fetchall()
+    assert states == [("queued", 170, 0), ("succeeded", 30, 0)]
+
+
 def test_stop_with_only_prefetched_jobs_left_writes_the_finished_ones(
     dsn: str, conn: Conn
 ) -> None:
