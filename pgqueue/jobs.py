@@ -21,7 +21,10 @@ class JobState(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A job leased by a worker: one row returned by ``pgqueue.lease``."""
+    """A job leased by a worker: one row returned by ``pgqueue.lease``.
+
+    ``run_at`` and ``created_at`` are aware datetimes in UTC.
+    """
 
     id: int
     queue: str

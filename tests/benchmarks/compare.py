@@ -230,6 +230,17 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
 # -- peers -------------------------------------------------------------------------
 
 
+def cpu_per_call(calls: list[list[Any]]) -> float:
+    """A worker process's CPU seconds per handler call, between the first and
+    the last of its calls that read the CPU clock (peers.py reads it every
+    CPU_EVERY-th call)."""
+    read = [(i, c[2]) for i, c in enumerate(calls) if c[2] is not None]
+    if len(read) < 2:
+        return 0.0
+    (first, start), (last, end) = read[0], read[-1]
+    return float(end - start) / (last - first)
+
+
 def drain(
     server: str, system: str, n: int, processes: int, setup: str = "-"
 ) -> dict[str, float]:
@@ -260,7 +271,7 @@ def drain(
             f"{system}: {len(calls)} handler calls for {len(ids)} of {n} jobs"
         )
     times = [c[1] for c in calls]
-    worker_cpu = sum(p[-1][2] - p[0][2] for p in per_process if p)
+    worker_cpu = sum(cpu_per_call(p) * len(p) for p in per_process)
     res = {"rate": n / (max(times) - min(times)), "worker_cpu_us": worker_cpu / n * 1e6}
     server_cpu = per_job_us(ServerCpu.used(server_before, server_after), n)
     if server_cpu is not None:

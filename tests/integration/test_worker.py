@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -528,3 +529,27 @@ def test_stop_with_only_prefetched_jobs_left_writes_the_finished_ones(
         (ids[1], "queued", 0),
         (ids[2], "queued", 0),
     ]
+
+
+def test_a_handler_sees_its_jobs_times_as_utc_whatever_the_servers_zone(
+    dsn: str, conn: Conn
+) -> None:
+    """The lease connection reads timestamps in UTC (worker.py: a faster
+    conversion); the instants are the database's, whatever its time zone."""
+    conn.execute(f"alter database {conn.info.dbname} set timezone = 'Asia/Tokyo'")
+    app = pgqueue.App(dsn)
+    seen: list[tuple[Any, Any]] = []
+
+    @app.task(transactional=False)
+    async def when(ctx: pgqueue.JobContext) -> None:
+        seen.append((ctx.job.run_at, ctx.job.created_at))
+
+    job_id = when.enqueue(conn)
+    stored = conn.execute(
+        "select run_at, created_at from pgqueue.jobs where id = %s", [job_id]
+    ).fetchone()
+    worker = pgqueue.Worker(app, until_empty=True, handle_signals=False)
+    worker.run()
+    assert seen == [stored]
+    for moment in seen[0]:
+        assert moment.utcoffset() == timedelta(0)
