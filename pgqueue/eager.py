@@ -16,33 +16,49 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import types
 from collections.abc import Coroutine, Generator
 from typing import Any
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
-    """Drive a coroutine that already yielded ``pending`` to its end.
+_HANDED_OVER = object()  # _Continue's pending value once the Task has it
 
-    Every value the coroutine yields (the future it waits for) goes to the
-    Task unchanged, and whatever the Task sends or throws goes back in: the
-    same hand-over ``await`` does between nested coroutines.
+
+class _Continue(Coroutine[Any, Any, Any]):
+    """The rest of a coroutine that already yielded ``pending``, for a Task.
+
+    The Task's first step gets ``pending`` (the future the coroutine waits
+    for); every later value the Task sends or throws goes to the coroutine
+    itself: the same hand-over ``await`` does between nested coroutines. A
+    throw before that first step (the Task cancelled at once) goes to the
+    coroutine too, so its ``finally`` blocks run and what it holds is released;
+    an ``async def`` wrapper would drop it without ever resuming the coroutine.
     """
-    while True:
-        try:
-            try:
-                sent = yield pending
-            except BaseException as exc:  # cancellation, or the future's error
-                pending = coro.throw(exc)
-            else:
-                pending = coro.send(sent)
-        except StopIteration as stop:
-            return stop.value
 
+    __slots__ = ("_coro", "_pending")
 
-async def _continue(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
-    return await _resume(coro, pending)
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def send(self, value: Any) -> Any:
+        pending = self._pending
+        if pending is not _HANDED_OVER:
+            self._pending = _HANDED_OVER
+            return pending
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._pending = _HANDED_OVER
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # pragma: no cover (old form)
+
+    def close(self) -> None:
+        self._pending = _HANDED_OVER
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        raise TypeError("pgqueue.eager continuations are driven by their Task")
 
 
 def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
@@ -60,4 +76,4 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
     loop = asyncio.get_running_loop()
     # Created inside the context, the Task copies it (create_task's context=
     # argument is 3.11+).
-    return context.run(loop.create_task, _continue(coro, pending))
+    return context.run(loop.create_task, _Continue(coro, pending))

@@ -2,9 +2,11 @@
 
 One process serves its queues with ``concurrency`` slots. Async handlers run on
 the event loop; sync handlers run in a thread pool of the same size. The loop
-leases as many jobs as it has free slots in one round trip, when NOTIFY says a
-queue got jobs, when a slot frees while more may be waiting, at the next
-scheduled ``run_at`` it knows of, or when the poll interval passes.
+leases up to half of its free slots in one round trip, when NOTIFY says a queue
+got jobs, when slots free while more may be waiting, at the next scheduled
+``run_at`` it knows of, or when the poll interval passes. While more jobs are
+waiting, the next lease is sent before the jobs just leased start, so the
+server leases while the worker starts a batch.
 
 Transactional tasks run inside a transaction on a pooled connection and the
 worker completes the job in that same transaction, fenced by the lease token:
@@ -138,8 +140,12 @@ class Worker(JobExecution):
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
         # The most one lease takes: half the slots, so that another lease can be
         # on its way while a batch starts (_lease_ahead).
-        self._lease_max = max(self._batch_min, -(-(concurrency + prefetch) // 2))
-        self._ahead: tuple[int, asyncio.Task[list[tuple[Any, ...]]]] | None = None
+        self._lease_max = -(-(concurrency + prefetch) // 2)
+        # (limit, notifications seen when sent, the lease Task): see _lease_ahead.
+        self._ahead: tuple[int, int, asyncio.Task[list[tuple[Any, ...]]]] | None = None
+        # NOTIFYs received so far: a lease that comes back short clears _due
+        # only if none arrived while it was on its way.
+        self._notified = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._due = True
@@ -239,6 +245,7 @@ class Worker(JobExecution):
     # -- the lease loop -----------------------------------------------------------
 
     def _on_notify(self) -> None:
+        self._notified += 1
         self._due = True
         self._wake_up()
 
@@ -267,7 +274,10 @@ class Worker(JobExecution):
             while not self._stopping:
                 self._wake.clear()
                 if self._ahead is not None:
-                    limit, sent = self._ahead
+                    limit, notified, sent = self._ahead
+                    # asyncio.wait, not await: cancelling this loop must not
+                    # cancel the lease, whose jobs the finally below takes.
+                    await asyncio.wait({sent})
                     self._ahead = None
                     leasing: Any = sent
                 else:
@@ -296,6 +306,7 @@ class Worker(JobExecution):
                             self._due = True  # the poll interval passed: look again
                         continue
                     limit = min(free, self._lease_max)
+                    notified = self._notified
                     leasing = self._lease_rows(limit)
                 try:
                     rows = await leasing
@@ -308,10 +319,12 @@ class Worker(JobExecution):
                 if len(rows) == limit and not self._stopping:
                     self._lease_ahead(len(rows))
                 self._ready.extend(self._jobs(rows))
-                if not self._stopping:  # else shutdown hands them back
-                    self._dispatch()
+                if self._stopping:
+                    break  # shutdown hands them back
+                self._dispatch()
                 if len(rows) < limit:
-                    self._due = False
+                    if self._notified == notified:
+                        self._due = False
                     if self.until_empty and not (
                         self._running or self._ready or self._done
                     ):
@@ -321,7 +334,7 @@ class Worker(JobExecution):
             # A lease sent ahead that nobody awaited: its jobs go to _ready, which
             # shutdown hands back, so none of them waits out its lease.
             if self._ahead is not None:
-                _, sent = self._ahead
+                _, _, sent = self._ahead
                 self._ahead = None
                 with contextlib.suppress(Exception):
                     self._ready.extend(self._jobs(await sent))
@@ -346,7 +359,7 @@ class Worker(JobExecution):
                 self._log.warning("lease_failed", error=repr(exc))
                 return
             if sent is not None:  # always: a lease waits for the server
-                self._ahead = (limit, sent)
+                self._ahead = (limit, self._notified, sent)
                 self.counters.leases_ahead += 1
 
     def _wait_time(self) -> float:

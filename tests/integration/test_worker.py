@@ -553,3 +553,36 @@ def test_a_handler_sees_its_jobs_times_as_utc_whatever_the_servers_zone(
     assert seen == [stored]
     for moment in seen[0]:
         assert moment.utcoffset() == timedelta(0)
+
+
+def test_cancelling_the_worker_hands_back_a_lease_sent_ahead(
+    dsn: str, conn: Conn
+) -> None:
+    """As above, but the worker's task is cancelled (an application that runs
+    run_async and cancels it): the cancellation lands while the lease of jobs
+    30-39 is on its way; the lease is not cancelled with it, and its jobs are
+    handed back rather than left running until their lease expires."""
+    app = pgqueue.App(dsn)
+    calls: list[int] = []
+    worker = pgqueue.Worker(app, concurrency=10, prefetch=10, handle_signals=False)
+    running: list[asyncio.Task[None]] = []
+
+    @app.task(transactional=False)
+    async def step(ctx: pgqueue.JobContext, n: int) -> None:
+        calls.append(n)
+        if n == 25:
+            running[0].cancel()
+
+    async def main() -> None:
+        running.append(asyncio.create_task(worker.run_async()))
+        with pytest.raises(asyncio.CancelledError):
+            await running[0]
+
+    step.enqueue_many(conn, [{"n": n} for n in range(200)])
+    asyncio.run(main())
+    assert calls == list(range(30))
+    states = conn.execute(
+        "select state::text, count(*), max(attempts) from pgqueue.jobs_overview"
+        " group by 1 order by 1"
+    ).fetchall()
+    assert states == [("queued", 170, 0), ("succeeded", 30, 0)]

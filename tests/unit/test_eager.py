@@ -85,6 +85,42 @@ def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
     asyncio.run(main())
 
 
+def test_a_task_cancelled_before_its_first_step_still_cancels_the_coroutine() -> None:
+    """Cancelled before the loop ran the Task at all: the coroutine, suspended
+    in its first await, gets the CancelledError there and cleans up."""
+    cleaned = []
+
+    async def handler() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    async def main() -> None:
+        task = eager.start(handler())
+        assert task is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == [True]
+
+    asyncio.run(main())
+
+
+def test_a_coroutine_that_yields_to_the_loop_once_goes_on() -> None:
+    async def handler() -> str:
+        await asyncio.sleep(0)  # yields None to the Task, not a future
+        await asyncio.sleep(0)
+        return "done"
+
+    async def main() -> None:
+        task = eager.start(handler())
+        assert task is not None
+        assert await task == "done"
+
+    asyncio.run(main())
+
+
 def test_a_caught_error_from_an_awaited_future_lets_the_coroutine_go_on() -> None:
     async def handler(fut: asyncio.Future[int]) -> str:
         try:
