@@ -19,7 +19,6 @@ import contextvars
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-
 _HANDED_OVER = object()  # _Continue's pending value once the Task has it
 
 

@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import _sql, serialization
 from pgqueue.app import App
-from pgqueue.context import JobContext
+from pgqueue.context import JobContext, new_context
 from pgqueue.errors import (
     ArgumentsNotSerializable,
     JobTimeout,
@@ -149,12 +149,7 @@ class JobExecution:
     _fetch: Callable[[str, list[Any]], Awaitable[list[tuple[Any, ...]]]]
 
     def _context(self, job: Job, conn: Any) -> JobContext:
-        return JobContext(
-            job=job,
-            conn=conn,
-            worker_id=self.worker_id,
-            logger=self._log,
-        )
+        return new_context(job, conn, self.worker_id, self._log)
 
     def _bind_args(self, task: Task, job: Job) -> dict[str, Any]:
         """The job's arguments as keywords, checked against the handler."""

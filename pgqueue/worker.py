@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -41,7 +40,7 @@ from pgqueue.errors import (
     ConfigurationError,
 )
 from pgqueue.execution import FLUSH_MAX, Attempt, Counters, JobExecution, completions
-from pgqueue.jobs import Job
+from pgqueue.jobs import Job, jobs_from_lease
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 from pgqueue.wakeup import Wakeup
@@ -50,13 +49,6 @@ from pgqueue.wakeup import Wakeup
 # subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
 # of them overflows, and every snapshot on the server gets slower.
 MAX_TX_BATCH = 64
-
-
-def _load_args(text: str) -> Any:
-    # Arguments arrive as text (the lease statement casts them): psycopg's jsonb
-    # loader cost 3 us a row, and most jobs of a busy queue carry '{}' or a
-    # small object that json.loads reads faster on its own.
-    return {} if text == "{}" else json.loads(text)
 
 
 class Worker(JobExecution):
@@ -381,10 +373,7 @@ class Worker(JobExecution):
     def _jobs(self, rows: list[tuple[Any, ...]]) -> list[Job]:
         self.counters.lease_calls += 1
         self.counters.leased += len(rows)
-        return [
-            Job(i, queue, task, _load_args(args), *rest)
-            for i, queue, task, args, *rest in rows
-        ]
+        return jobs_from_lease(rows)
 
     async def _plan_next_due(self) -> None:
         """Remember when the next scheduled job of our queues is due."""

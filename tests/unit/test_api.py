@@ -57,3 +57,31 @@ def test_task_registration_checks_names_and_duplicates() -> None:
 def test_bad_schema_name_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="invalid schema name"):
         pgqueue.App(schema='x"; drop')
+
+
+def test_jobs_from_lease_rows_equal_jobs_built_the_usual_way() -> None:
+    import dataclasses
+    import uuid
+    from datetime import datetime, timezone
+
+    from pgqueue.context import JobContext, new_context
+    from pgqueue.jobs import Job, jobs_from_lease
+
+    token = uuid.uuid4()
+    now = datetime.now(timezone.utc)
+    rows = [
+        (1, "default", "a", "{}", 0, 0, 25, token, now, now),
+        (2, "mail", "b", '{"to": "x@y", "n": [1, 2]}', -3, 2, 5, token, now, now),
+    ]
+    built = jobs_from_lease(rows)
+    assert built == [
+        Job(1, "default", "a", {}, 0, 0, 25, token, now, now),
+        Job(2, "mail", "b", {"to": "x@y", "n": [1, 2]}, -3, 2, 5, token, now, now),
+    ]
+    assert built[1].attempt == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built[0].priority = 1  # type: ignore[misc]
+    ctx = new_context(built[0], None, "w1", None)
+    assert ctx == JobContext(job=built[0], conn=None, worker_id="w1", logger=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.conn = object()  # type: ignore[misc]
