@@ -81,15 +81,17 @@ _TEMPLATES: dict[str, LiteralString] = {
     "prune": "select {schema}.prune(make_interval(secs => %s), %s)",
     "cancel": "select {schema}.cancel(%s)",
     "configure_queue": "select {schema}.configure_queue(%s, %s)",
+    "pause_queue": "select {schema}.pause_queue(%s)",
+    "resume_queue": "select {schema}.resume_queue(%s)",
     "queue_options": (
-        "select coalesce((select keep_succeeded from {schema}.queues where name = %s),"
-        " true)"
+        "select coalesce(bool_and(keep_succeeded), true), coalesce(bool_and(paused),"
+        " false) from {schema}.queues where name = %s"
     ),
     "retry": "select {schema}.retry(%s)",
     "retry_dead": "select {schema}.retry_dead(%s)",
     "queue_depth": (
         "select queue, queued, scheduled, running, succeeded, dead, cancelled,"
-        " extract(epoch from oldest_queued_age)::float8"
+        " extract(epoch from oldest_queued_age)::float8, paused"
         " from {schema}.queue_depth order by queue"
     ),
     "job": (
@@ -132,6 +134,8 @@ class Statements:
     prune: str
     cancel: str
     configure_queue: str
+    pause_queue: str
+    resume_queue: str
     queue_options: str
     retry: str
     retry_dead: str

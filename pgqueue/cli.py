@@ -283,7 +283,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Per queue: queued, scheduled, running, succeeded, dead, oldest queued age."""
+    """Per queue: queued, scheduled, running, succeeded, dead, oldest queued age,
+    and whether it is paused."""
     stmts = _sql.statements(_settings.schema)
     with _connect() as conn:
         rows = _fetch(conn, stmts.queue_depth)
@@ -296,11 +297,15 @@ def stats(
         "dead",
         "cancelled",
         "oldest_queued_s",
+        "paused",
     ]
     if as_json:
         typer.echo(json.dumps([dict(zip(headers, r, strict=True)) for r in rows]))
         return
-    data = [[*r[:7], None if r[7] is None else f"{r[7]:.3f}"] for r in rows]
+    data = [
+        [*r[:7], None if r[7] is None else f"{r[7]:.3f}", "yes" if r[8] else ""]
+        for r in rows
+    ]
     typer.echo(_table(headers, data) if rows else "no jobs")
 
 
@@ -402,6 +407,14 @@ def queue(
             " or delete them on completion (no result kept; fastest).",
         ),
     ] = None,
+    paused: Annotated[
+        bool | None,
+        typer.Option(
+            "--pause/--resume",
+            help="Stop workers leasing this queue's jobs (running ones finish;"
+            " enqueueing goes on), or let them lease again.",
+        ),
+    ] = None,
 ) -> None:
     """Show a queue's options, or set them."""
     from pgqueue.producer import check_queue
@@ -414,8 +427,13 @@ def queue(
     with _connect() as conn:
         if keep_succeeded is not None:
             _fetch(conn, stmts.configure_queue, [name, keep_succeeded])
-        keep = _fetch(conn, stmts.queue_options, [name])[0][0]
-    typer.echo(f"queue {name}: keep_succeeded={str(keep).lower()}")
+        if paused is not None:
+            _fetch(conn, stmts.pause_queue if paused else stmts.resume_queue, [name])
+        keep, is_paused = _fetch(conn, stmts.queue_options, [name])[0]
+    typer.echo(
+        f"queue {name}: keep_succeeded={str(keep).lower()}"
+        f" paused={str(is_paused).lower()}"
+    )
 
 
 @cli.command()

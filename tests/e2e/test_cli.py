@@ -41,6 +41,8 @@ FUNCTIONS = {
     "register_worker",
     "unregister_worker",
     "configure_queue",
+    "pause_queue",
+    "resume_queue",
 }
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 QUICKSTART = "examples.quickstart:app"  # a real app, importable from the checkout
@@ -185,6 +187,7 @@ def test_enqueue_stats_jobs_retry_cancel_prune_round_trip(
         "dead",
         "cancelled",
         "oldest_queued_s",
+        "paused",
     ]
     assert table[2].split()[:7] == ["mail", "3", "1", "0", "0", "0", "0"]
 
@@ -251,9 +254,10 @@ def test_a_queue_can_discard_succeeded_jobs(
     dsn: str, business: Conn, tmp_path: Path
 ) -> None:
     app = write_app(tmp_path)
-    assert cli(dsn, "queue", "fast").stdout.strip() == "queue fast: keep_succeeded=true"
+    out = cli(dsn, "queue", "fast").stdout.strip()
+    assert out == "queue fast: keep_succeeded=true paused=false"
     out = cli(dsn, "queue", "fast", "--discard-succeeded").stdout.strip()
-    assert out == "queue fast: keep_succeeded=false"
+    assert out == "queue fast: keep_succeeded=false paused=false"
     key = ["--queue", "fast", "--idempotency-key", "k-1"]
     first = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
     kept = int(cli(dsn, "enqueue", "record", "--args", '{"n": 2}').stdout)
@@ -273,7 +277,7 @@ def test_a_queue_can_discard_succeeded_jobs(
     second = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
     assert second != first
     back = cli(dsn, "queue", "fast", "--keep-succeeded").stdout.strip()
-    assert back == "queue fast: keep_succeeded=true"
+    assert back == "queue fast: keep_succeeded=true paused=false"
     bad = cli(dsn, "queue", "no good", "--discard-succeeded", check=False)
     assert bad.returncode == 1 and "invalid queue name" in bad.stderr
 
@@ -400,3 +404,32 @@ def test_python_dash_m_runs_the_same_cli(dsn: str) -> None:
         check=True,
     )
     assert result.stdout.strip() == "no jobs"
+
+
+def test_a_paused_queue_is_left_alone_until_resumed(
+    dsn: str, business: Conn, tmp_path: Path
+) -> None:
+    app = write_app(tmp_path)
+    out = cli(dsn, "queue", "slow", "--pause").stdout.strip()
+    assert out == "queue slow: keep_succeeded=true paused=true"
+    held = int(
+        cli(dsn, "enqueue", "record", "--args", '{"n": 1}', "--queue", "slow").stdout
+    )
+    free = int(cli(dsn, "enqueue", "record", "--args", '{"n": 2}').stdout)
+    [default, slow] = sorted(
+        json.loads(cli(dsn, "stats", "--json").stdout), key=lambda r: r["queue"]
+    )
+    assert (slow["queue"], slow["queued"], slow["paused"]) == ("slow", 1, True)
+    assert (default["queue"], default["paused"]) == ("default", False)
+    assert "yes" in cli(dsn, "stats").stdout  # the table marks the paused queue
+    # --until-empty: a paused queue has nothing due.
+    worker = [app, "-q", "slow", "-q", "default", "--until-empty"]
+    cli(dsn, "worker", *worker, cwd=tmp_path)
+    assert business.execute("select job_id from business").fetchall() == [(free,)]
+    out = cli(dsn, "queue", "slow", "--resume").stdout.strip()
+    assert out == "queue slow: keep_succeeded=true paused=false"
+    cli(dsn, "worker", *worker, cwd=tmp_path)
+    assert sorted(business.execute("select job_id from business").fetchall()) == [
+        (held,),
+        (free,),
+    ]

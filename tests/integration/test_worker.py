@@ -586,3 +586,27 @@ def test_cancelling_the_worker_hands_back_a_lease_sent_ahead(
         " group by 1 order by 1"
     ).fetchall()
     assert states == [("queued", 170, 0), ("succeeded", 30, 0)]
+
+
+def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
+    dsn: str, conn: Conn
+) -> None:
+    """No lease from a paused queue, however often the worker looks; resuming
+    notifies, so the jobs run at once, not at the next poll (an hour here)."""
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    conn.execute("select pgqueue.pause_queue('default')")
+    with running_worker(app, poll_interval=3600) as worker:
+        wait_until(lambda: worker.counters.lease_calls > 0)
+        ids = noop.enqueue_many(conn, [{}] * 3)  # the NOTIFY wakes it: still paused
+        wait_until(lambda: worker.counters.lease_calls > 1)
+        time.sleep(0.5)
+        assert ran == []
+        conn.execute("select pgqueue.resume_queue('default')")
+        wait_until(lambda: len(ran) == 3, timeout=10)
+    assert sorted(ran) == ids

@@ -86,6 +86,7 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             "select * from priv.jobs_overview",
             "select * from priv.lease(array['default'], 1, 'thief', 60)",
             "select priv.configure_queue('default', false)",
+            "select priv.pause_queue('default')",
             "create table priv.sneaky (x int)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -120,6 +121,12 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             " (select count(*) from priv.idempotency_keys where queue = 'fast')"
         ).fetchone()
         assert left == (0, 0)
+        # A worker role pauses and resumes queues (the CLI's `pgqueue queue`).
+        worker.execute("select priv.pause_queue('fast')")
+        worker.execute("select priv.resume_queue('fast')")
+        assert worker.execute(
+            "select paused from priv.queues where name = 'fast'"
+        ).fetchone() == (False,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             worker.execute("create table priv.sneaky (x int)")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -180,6 +180,34 @@ def test_configure_queue_sets_and_resets_the_option(conn: Conn) -> None:
     ).fetchall() == [("fast", True)]
 
 
+def test_a_paused_queue_is_not_leased_until_resumed_which_wakes_workers(
+    conn: Conn,
+) -> None:
+    held = enqueue(conn, queue="held")
+    other = enqueue(conn, queue="other")
+    conn.execute("select pgqueue.pause_queue('held')")
+    assert [r[0] for r in lease(conn, 10, ["held", "other"])] == [other]
+    assert one(conn, "select pgqueue.next_run_at(array['held'])") is None
+    assert conn.execute(
+        "select queue, queued, running, paused from pgqueue.queue_depth order by 1"
+    ).fetchall() == [("held", 1, 0, True), ("other", 0, 1, False)]
+    conn.execute("listen pgqueue")
+    conn.execute("select pgqueue.resume_queue('held')")
+    woken = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
+    assert woken == ["held"]
+    assert one(conn, "select pgqueue.next_run_at(array['held'])") is not None
+    assert [r[0] for r in lease(conn, 10, ["held", "other"])] == [held]
+
+
+def test_pausing_twice_and_resuming_an_unknown_queue_are_harmless(conn: Conn) -> None:
+    conn.execute("select pgqueue.pause_queue('q')")
+    conn.execute("select pgqueue.pause_queue('q')")
+    conn.execute("select pgqueue.resume_queue('never_configured')")
+    assert conn.execute("select name, paused from pgqueue.queues").fetchall() == [
+        ("q", True)
+    ]
+
+
 def test_fenced_statements_find_running_jobs_by_primary_key(conn: Conn) -> None:
     # Statistics taken while nothing runs, as after a bulk load, and plans made
     # for any array (as plpgsql's cached plans are): a fenced statement must
