@@ -1329,6 +1329,12 @@ begin;
 -- inside their cached plans), and resume_queue notifies the queue so idle
 -- workers look at once.
 
+-- Queue names follow the rule of jobs.queue (jobs_queue_name), so a typo in a
+-- name is refused rather than stored as a setting that matches no job. NOT VALID:
+-- rows written before this migration are left as they are.
+alter table "pgqueue".queues add constraint queues_name check (
+    name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' and length(name) <= 128) not valid;
+
 create function "pgqueue".pause_queue(p_queue text) returns void
 language sql as $$
     insert into "pgqueue".queues (name, paused) values (p_queue, true)

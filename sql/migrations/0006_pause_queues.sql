@@ -7,6 +7,12 @@
 -- inside their cached plans), and resume_queue notifies the queue so idle
 -- workers look at once.
 
+-- Queue names follow the rule of jobs.queue (jobs_queue_name), so a typo in a
+-- name is refused rather than stored as a setting that matches no job. NOT VALID:
+-- rows written before this migration are left as they are.
+alter table :pgqueue_schema.queues add constraint queues_name check (
+    name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' and length(name) <= 128) not valid;
+
 create function :pgqueue_schema.pause_queue(p_queue text) returns void
 language sql as $$
     insert into :pgqueue_schema.queues (name, paused) values (p_queue, true)

@@ -208,6 +208,14 @@ def test_pausing_twice_and_resuming_an_unknown_queue_are_harmless(conn: Conn) ->
     ]
 
 
+@pytest.mark.parametrize("call", ["pause_queue(%s)", "configure_queue(%s, false)"])
+def test_queue_settings_refuse_a_name_no_job_could_have(conn: Conn, call: str) -> None:
+    for bad in ["", "two words", "x" * 129]:
+        with pytest.raises(psycopg.errors.CheckViolation, match="queues_name"):
+            conn.execute(f"select pgqueue.{call}", [bad])
+    assert conn.execute("select count(*) from pgqueue.queues").fetchone() == (0,)
+
+
 def test_fenced_statements_find_running_jobs_by_primary_key(conn: Conn) -> None:
     # Statistics taken while nothing runs, as after a bulk load, and plans made
     # for any array (as plpgsql's cached plans are): a fenced statement must
