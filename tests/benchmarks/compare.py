@@ -101,10 +101,11 @@ class ServerCpu:
         self.postmaster: int | None = None
         with psycopg.connect(dsn) as conn:
             row = conn.execute("select pg_backend_pid()").fetchone()
-        try:
-            backend = Path(f"/proc/{row[0] if row else 0}/stat").read_text()
-        except OSError:
-            return  # not this machine's server
+            # Read while the connection is open: its backend exits on close.
+            try:
+                backend = Path(f"/proc/{row[0] if row else 0}/stat").read_text()
+            except OSError:
+                return  # not this machine's server
         self.postmaster = int(backend[backend.rindex(")") + 2 :].split()[1])
         self.tick = os.sysconf("SC_CLK_TCK")
 
@@ -179,6 +180,15 @@ def pgbench(dsn: str, script: str, clients: int, transactions: int) -> float:
     return float(match.group(1))
 
 
+def psycopg_inserts(dsn: str, n: int) -> float:
+    """One INSERT per transaction (autocommit) from Python, jobs/s."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        for _ in range(n):
+            conn.execute(SCRIPTS["insert_one"])
+        return n / (time.perf_counter() - started)
+
+
 def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, float]:
     """pgbench ceilings; the batched take uses ``fast_n`` jobs, the median of
     ``repeat`` runs, as the fast drains it is compared with do."""
@@ -197,6 +207,9 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
         return dsn
 
     res["insert_one"] = pgbench(fresh(), SCRIPTS["insert_one"], 1, n)
+    # Context, not a ceiling: the same INSERT sent by psycopg, the driver every
+    # Python queue here uses, shows what the client alone costs per job.
+    res["insert_one_psycopg"] = psycopg_inserts(fresh(), n)
     res["insert_bulk"] = (
         pgbench(fresh(), SCRIPTS["insert_bulk"], 1, max(1, n // 1000)) * 1000
     )
