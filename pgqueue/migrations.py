@@ -135,12 +135,20 @@ def check_up_to_date(conn: psycopg.Connection, schema: str = "pgqueue") -> None:
         )
 
 
-def migrate(conn: psycopg.Connection, schema: str = "pgqueue") -> list[Migration]:
+def migrate(
+    conn: psycopg.Connection, schema: str = "pgqueue", *, target: int | None = None
+) -> list[Migration]:
     """Apply pending migrations; return the ones applied (empty when up to date).
 
     ``conn`` must be in autocommit mode: each migration commits on its own.
+    ``target`` stops after that version (default: the latest), as when a
+    schema is upgraded one release at a time.
     """
     check_schema_name(schema)
+    if target is not None and not 0 <= target <= latest_version():
+        raise ConfigurationError(
+            f"target must be a version from 0 to {latest_version()}, got {target}"
+        )
     if not conn.autocommit:
         raise ConfigurationError("migrate needs an autocommit connection")
     lock = ["pgqueue.migrate." + schema]
@@ -160,6 +168,8 @@ def migrate(conn: psycopg.Connection, schema: str = "pgqueue") -> list[Migration
         for migration in load():
             if migration.version <= have:
                 continue
+            if target is not None and migration.version > target:
+                break
             with conn.transaction():
                 conn.execute(migration.render(schema).encode())
                 conn.execute(

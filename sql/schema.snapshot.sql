@@ -1,4 +1,4 @@
--- pgqueue schema 'pgqueue', version 6
+-- pgqueue schema 'pgqueue', version 7
 create schema if not exists "pgqueue";
 create table if not exists "pgqueue".migrations (
     version    integer primary key,
@@ -1487,5 +1487,38 @@ comment on table "pgqueue".queues is
     '(configure_queue). A queue needs no row here.';
 
 insert into "pgqueue".migrations (version, name) values (6, 'pause_queues');
+commit;
+
+-- 0007_queue_settings_grants
+begin;
+-- pgqueue 0007: worker roles granted before 0005 and 0006 may set queue options.
+--
+-- configure_queue (0005), pause_queue and resume_queue (0006) are revoked from
+-- PUBLIC and reach worker roles through grant_worker, which grants the functions
+-- that exist when it runs. A role granted before those migrations lacked them
+-- until grant_worker was run again. Here every role that may lease (what
+-- grant_worker gives and grant_producer does not) gets the three; producers get
+-- nothing.
+do $$
+declare
+    v_role text;
+begin
+    for v_role in
+        select distinct a.grantee::regrole::text
+          from pg_proc p, aclexplode(p.proacl) a
+         where p.oid = '"pgqueue".lease(text[], integer, text, double precision)'
+                       ::regprocedure
+           and a.privilege_type = 'EXECUTE' and a.grantee <> 0
+           and a.grantee <> p.proowner
+    loop
+        execute format('grant execute on function '
+                       '"pgqueue".configure_queue(text, boolean), '
+                       '"pgqueue".pause_queue(text), '
+                       '"pgqueue".resume_queue(text) to %s', v_role);
+    end loop;
+end
+$$;
+
+insert into "pgqueue".migrations (version, name) values (7, 'queue_settings_grants');
 commit;
 

@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgqueue
 from pgqueue import migrations
+from pgqueue.errors import ConfigurationError
 
 
 @pytest.fixture
@@ -131,3 +132,51 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             worker.execute("create table priv.sneaky (x int)")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             worker.execute("drop table priv.jobs")
+
+
+QUEUE_SETTINGS = (
+    "select priv.configure_queue('q', false)",
+    "select priv.pause_queue('q')",
+    "select priv.resume_queue('q')",
+)
+
+
+def test_roles_granted_before_an_upgrade_keep_their_rights(
+    roles: dict[str, str],
+) -> None:
+    """A worker role granted on an old schema may set queue options after the
+    upgrade without grant_worker running again; a producer still may not."""
+    with psycopg.connect(roles["owner"], autocommit=True) as owner:
+        migrations.migrate(owner, "priv", target=4)  # before configure_queue
+        for kind in ("producer", "worker"):
+            user = conninfo_to_dict(roles[kind])["user"]
+            owner.execute(
+                sql.SQL("select priv.{}(%s)").format(sql.Identifier(f"grant_{kind}")),
+                [user],
+            )
+        migrations.migrate(owner, "priv", target=6)
+        with (
+            psycopg.connect(roles["worker"], autocommit=True) as worker,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            worker.execute(QUEUE_SETTINGS[1])  # the gap 0007 closes
+        assert [m.version for m in migrations.migrate(owner, "priv")] == list(
+            range(7, migrations.latest_version() + 1)
+        )
+    with psycopg.connect(roles["worker"], autocommit=True) as worker:
+        for query in QUEUE_SETTINGS:
+            worker.execute(query)
+        assert worker.execute(
+            "select keep_succeeded, paused from priv.queues where name = 'q'"
+        ).fetchone() == (False, False)
+    with psycopg.connect(roles["producer"], autocommit=True) as producer:
+        for query in QUEUE_SETTINGS:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                producer.execute(query)
+
+
+def test_migrate_refuses_a_target_that_is_no_version(
+    conn: psycopg.Connection[Any],
+) -> None:
+    with pytest.raises(ConfigurationError, match="target must be"):
+        migrations.migrate(conn, "priv_none", target=migrations.latest_version() + 1)
