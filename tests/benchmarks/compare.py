@@ -109,9 +109,14 @@ class ServerCpu:
         self.postmaster = int(backend[backend.rindex(")") + 2 :].split()[1])
         self.tick = os.sysconf("SC_CLK_TCK")
 
-    def read(self) -> float | None:
+    def read(self, settle: float = 0.0) -> float | None:
+        """``settle``: seconds to wait first, so that backends whose clients
+        just disconnected have exited and been reaped: a backend read neither
+        alive nor in the postmaster's children's total is missed (a 1-client
+        ceiling once read 0 us a job)."""
         if self.postmaster is None:
             return None
+        time.sleep(settle)
         total = 0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -225,11 +230,11 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
         runs = []
         for _ in range(repeat):
             dsn = fresh(fast_n)
-            before = cpu.read()
+            before = cpu.read(settle=0.5)
             rate = pgbench(
                 dsn, SCRIPTS["take_batch"], clients, fast_n // (100 * clients)
             )
-            used = ServerCpu.used(before, cpu.read())
+            used = ServerCpu.used(before, cpu.read(settle=0.5))
             runs.append((rate * 100, per_job_us(used, fast_n)))
         res[f"take_batch_{clients}c"] = statistics.median(r[0] for r in runs)
         if runs[0][1] is not None:
@@ -264,7 +269,7 @@ def drain(
     peer(system, "setup", dsn, setup)
     peer(system, "fill", dsn, str(n))
     cpu = ServerCpu(dsn)
-    server_before = cpu.read()
+    server_before = cpu.read(settle=0.5)
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"calls{i}.json") for i in range(processes)]
         procs = [
@@ -274,7 +279,7 @@ def drain(
         for proc in procs:
             if proc.wait(timeout=1800) != 0:
                 raise RuntimeError(f"{system} drain worker failed")
-        server_after = cpu.read()
+        server_after = cpu.read(settle=0.5)
         per_process = [json.loads(Path(out).read_text()) for out in outs]
     drop_db(server, name)
     calls = [c for process_calls in per_process for c in process_calls]
