@@ -83,9 +83,11 @@ _TEMPLATES: dict[str, LiteralString] = {
     "configure_queue": "select {schema}.configure_queue(%s, %s)",
     "pause_queue": "select {schema}.pause_queue(%s)",
     "resume_queue": "select {schema}.resume_queue(%s)",
+    "set_queue_notify": "select {schema}.set_queue_notify(%s, %s)",
     "queue_options": (
         "select coalesce(bool_and(keep_succeeded), true), coalesce(bool_and(paused),"
-        " false) from {schema}.queues where name = %s"
+        " false), coalesce(bool_and(notify), true) from {schema}.queues"
+        " where name = %s"
     ),
     "retry": "select {schema}.retry(%s)",
     "retry_dead": "select {schema}.retry_dead(%s)",
@@ -136,6 +138,7 @@ class Statements:
     configure_queue: str
     pause_queue: str
     resume_queue: str
+    set_queue_notify: str
     queue_options: str
     retry: str
     retry_dead: str

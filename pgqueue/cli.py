@@ -415,6 +415,15 @@ def queue(
             " enqueueing goes on), or let them lease again.",
         ),
     ] = None,
+    notify: Annotated[
+        bool | None,
+        typer.Option(
+            "--notify/--quiet",
+            help="Wake listening workers with NOTIFY on every enqueue (the default),"
+            " or not: workers find a quiet queue's jobs by polling, and concurrent"
+            " enqueues stop waiting for PostgreSQL's notification lock.",
+        ),
+    ] = None,
 ) -> None:
     """Show a queue's options, or set them."""
     from pgqueue.producer import check_queue
@@ -429,10 +438,12 @@ def queue(
             _fetch(conn, stmts.configure_queue, [name, keep_succeeded])
         if paused is not None:
             _fetch(conn, stmts.pause_queue if paused else stmts.resume_queue, [name])
-        keep, is_paused = _fetch(conn, stmts.queue_options, [name])[0]
+        if notify is not None:
+            _fetch(conn, stmts.set_queue_notify, [name, notify])
+        keep, is_paused, notifies = _fetch(conn, stmts.queue_options, [name])[0]
     typer.echo(
         f"queue {name}: keep_succeeded={str(keep).lower()}"
-        f" paused={str(is_paused).lower()}"
+        f" paused={str(is_paused).lower()} notify={str(notifies).lower()}"
     )
 
 

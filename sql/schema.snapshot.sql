@@ -1,4 +1,4 @@
--- pgqueue schema 'pgqueue', version 7
+-- pgqueue schema 'pgqueue', version 8
 create schema if not exists "pgqueue";
 create table if not exists "pgqueue".migrations (
     version    integer primary key,
@@ -1520,5 +1520,139 @@ end
 $$;
 
 insert into "pgqueue".migrations (version, name) values (7, 'queue_settings_grants');
+commit;
+
+-- 0008_quiet_queues
+begin;
+-- pgqueue 0008: quiet queues, whose enqueues send no NOTIFY.
+--
+-- A transaction that NOTIFYs takes a lock that PostgreSQL holds from just
+-- before its commit until the commit is durable, and the lock is one for the
+-- whole server: such commits run one at a time, each waiting out the WAL flush
+-- of the one before. An enqueue NOTIFYs, so every transaction that enqueues,
+-- business writes included, commits in single file. Measured (pgbench, 2 cores,
+-- PostgreSQL 15, durable commits): enqueue() one job per transaction ran
+-- 4,609/s with 1 client and 4,831/s with 8; the same function without the
+-- NOTIFY ran 4,927/s and 13,449/s.
+--
+-- A quiet queue (queues.notify = false, set with set_queue_notify) skips the
+-- NOTIFY when jobs are enqueued; workers find its jobs by polling, so their
+-- pickup latency becomes the workers' poll interval. Everything else (retries,
+-- hand-backs, resume_queue) is unchanged.
+
+alter table "pgqueue".queues
+    add column notify boolean not null default true;
+comment on column "pgqueue".queues.notify is
+    'false: enqueueing into this queue sends no NOTIFY (workers find its jobs by '
+    'polling). Set with set_queue_notify().';
+
+create function "pgqueue".set_queue_notify(p_queue text, p_notify boolean)
+returns void
+language sql as $$
+    insert into "pgqueue".queues (name, notify) values (p_queue, p_notify)
+    on conflict (name) do update set notify = excluded.notify
+$$;
+comment on function "pgqueue".set_queue_notify(text, boolean) is
+    'Make enqueueing into the queue NOTIFY its workers (true, the default) or not '
+    '(false: a quiet queue, found by polling).';
+
+-- As the other queue settings: the owner and worker roles, those granted before
+-- this migration included.
+revoke execute on function "pgqueue".set_queue_notify(text, boolean)
+    from public;
+do $$
+declare
+    v_role text;
+begin
+    for v_role in
+        select distinct a.grantee::regrole::text
+          from pg_proc p, aclexplode(p.proacl) a
+         where p.oid = '"pgqueue".lease(text[], integer, text, double precision)'
+                       ::regprocedure
+           and a.privilege_type = 'EXECUTE' and a.grantee <> 0
+           and a.grantee <> p.proowner
+    loop
+        execute format('grant execute on function '
+                       '"pgqueue".set_queue_notify(text, boolean) to %s',
+                       v_role);
+    end loop;
+end
+$$;
+
+-- _notify: as in 0002, skipping quiet queues. It runs with the owner's rights:
+-- producers call it (bulk enqueue by COPY) and may not read the queues table.
+-- plpgsql, so the plan is kept between calls.
+create or replace function "pgqueue"._notify(p_queues text[]) returns void
+language plpgsql
+security definer set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform pg_notify('pgqueue', d.q)
+       from (select distinct coalesce(u.q, 'default') as q
+               from unnest(p_queues) as u(q)) as d
+      where not exists (select 1 from "pgqueue".queues s
+                         where s.name = d.q and not s.notify);
+end
+$$;
+
+-- enqueue: as in 0002 (and 0003's rights), skipping the NOTIFY of quiet queues.
+create or replace function "pgqueue".enqueue(
+    p_task            text,
+    p_args            jsonb default '{}',
+    p_queue           text default 'default',
+    p_priority        integer default 0,
+    p_run_at          timestamptz default null,
+    p_max_attempts    integer default 25,
+    p_idempotency_key text default null
+) returns bigint
+language plpgsql
+security definer set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_id bigint;
+begin
+    if p_priority not between -32768 and 32767 then
+        raise exception 'priority must be between -32768 and 32767, got %', p_priority
+              using errcode = 'PQ001';
+    end if;
+    if p_idempotency_key is null then
+        insert into "pgqueue".jobs (queue, task, args, priority, run_at, max_attempts)
+        values (p_queue, p_task, coalesce(p_args, '{}'), p_priority,
+                coalesce(p_run_at, now()), p_max_attempts)
+        returning id into v_id;
+    else
+        if length(p_idempotency_key) > 255 then
+            raise exception 'idempotency key longer than 255 characters'
+                  using errcode = 'PQ001';
+        end if;
+        loop
+            v_id := nextval('"pgqueue".jobs_id_seq');
+            insert into "pgqueue".idempotency_keys (queue, key, job_id)
+            values (p_queue, p_idempotency_key, v_id)
+            on conflict do nothing;
+            if found then
+                insert into "pgqueue".jobs
+                       (id, queue, task, args, priority, run_at, max_attempts,
+                        idempotency_key)
+                values (v_id, p_queue, p_task, coalesce(p_args, '{}'), p_priority,
+                        coalesce(p_run_at, now()), p_max_attempts, p_idempotency_key);
+                exit;
+            end if;
+            select k.job_id into v_id from "pgqueue".idempotency_keys k
+             where k.queue = p_queue and k.key = p_idempotency_key;
+            if found then
+                return v_id;  -- the key's job exists: nothing new, no NOTIFY
+            end if;
+            -- The key was pruned between the two statements: claim it again.
+        end loop;
+    end if;
+    perform pg_notify('pgqueue', p_queue)
+      where not exists (select 1 from "pgqueue".queues s
+                         where s.name = p_queue and not s.notify);
+    return v_id;
+end
+$$;
+
+insert into "pgqueue".migrations (version, name) values (8, 'quiet_queues');
 commit;
 

@@ -43,6 +43,7 @@ FUNCTIONS = {
     "configure_queue",
     "pause_queue",
     "resume_queue",
+    "set_queue_notify",
 }
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
 QUICKSTART = "examples.quickstart:app"  # a real app, importable from the checkout
@@ -255,9 +256,9 @@ def test_a_queue_can_discard_succeeded_jobs(
 ) -> None:
     app = write_app(tmp_path)
     out = cli(dsn, "queue", "fast").stdout.strip()
-    assert out == "queue fast: keep_succeeded=true paused=false"
+    assert out == "queue fast: keep_succeeded=true paused=false notify=true"
     out = cli(dsn, "queue", "fast", "--discard-succeeded").stdout.strip()
-    assert out == "queue fast: keep_succeeded=false paused=false"
+    assert out == "queue fast: keep_succeeded=false paused=false notify=true"
     key = ["--queue", "fast", "--idempotency-key", "k-1"]
     first = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
     kept = int(cli(dsn, "enqueue", "record", "--args", '{"n": 2}').stdout)
@@ -277,7 +278,7 @@ def test_a_queue_can_discard_succeeded_jobs(
     second = int(cli(dsn, "enqueue", "record", "--args", '{"n": 1}', *key).stdout)
     assert second != first
     back = cli(dsn, "queue", "fast", "--keep-succeeded").stdout.strip()
-    assert back == "queue fast: keep_succeeded=true paused=false"
+    assert back == "queue fast: keep_succeeded=true paused=false notify=true"
     bad = cli(dsn, "queue", "no good", "--discard-succeeded", check=False)
     assert bad.returncode == 1 and "invalid queue name" in bad.stderr
 
@@ -411,7 +412,7 @@ def test_a_paused_queue_is_left_alone_until_resumed(
 ) -> None:
     app = write_app(tmp_path)
     out = cli(dsn, "queue", "slow", "--pause").stdout.strip()
-    assert out == "queue slow: keep_succeeded=true paused=true"
+    assert out == "queue slow: keep_succeeded=true paused=true notify=true"
     held = int(
         cli(dsn, "enqueue", "record", "--args", '{"n": 1}', "--queue", "slow").stdout
     )
@@ -427,9 +428,19 @@ def test_a_paused_queue_is_left_alone_until_resumed(
     cli(dsn, "worker", *worker, cwd=tmp_path)
     assert business.execute("select job_id from business").fetchall() == [(free,)]
     out = cli(dsn, "queue", "slow", "--resume").stdout.strip()
-    assert out == "queue slow: keep_succeeded=true paused=false"
+    assert out == "queue slow: keep_succeeded=true paused=false notify=true"
     cli(dsn, "worker", *worker, cwd=tmp_path)
     assert sorted(business.execute("select job_id from business").fetchall()) == [
         (held,),
         (free,),
     ]
+
+
+def test_a_queue_can_be_made_quiet_and_loud_again(dsn: str, conn: Conn) -> None:
+    out = cli(dsn, "queue", "bulk", "--quiet").stdout.strip()
+    assert out == "queue bulk: keep_succeeded=true paused=false notify=false"
+    assert conn.execute(
+        "select notify from pgqueue.queues where name = 'bulk'"
+    ).fetchone() == (False,)
+    out = cli(dsn, "queue", "bulk", "--notify").stdout.strip()
+    assert out == "queue bulk: keep_succeeded=true paused=false notify=true"

@@ -616,3 +616,24 @@ def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
         conn.execute("select pgqueue.resume_queue('default')")
         wait_until(lambda: len(ran) == 3, timeout=10)
     assert sorted(ran) == ids
+
+
+def test_a_quiet_queue_is_served_by_polling(dsn: str, conn: Conn) -> None:
+    """A quiet queue's enqueues send no NOTIFY; a listening worker still runs
+    its jobs, found at its next poll."""
+    conn.execute("select pgqueue.set_queue_notify('quiet', false)")
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(queue="quiet", transactional=False)
+    async def hush(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    with (
+        psycopg.connect(dsn, autocommit=True) as listener,
+        running_worker(app, queues=["quiet"], poll_interval=0.2),
+    ):
+        listener.execute("listen pgqueue")
+        ids = [hush.enqueue(conn) for _ in range(3)]
+        wait_until(lambda: sorted(ran) == ids)
+        assert list(listener.notifies(timeout=0.1)) == []

@@ -88,6 +88,7 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             "select * from priv.lease(array['default'], 1, 'thief', 60)",
             "select priv.configure_queue('default', false)",
             "select priv.pause_queue('default')",
+            "select priv.set_queue_notify('default', false)",
             "create table priv.sneaky (x int)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -138,6 +139,7 @@ QUEUE_SETTINGS = (
     "select priv.configure_queue('q', false)",
     "select priv.pause_queue('q')",
     "select priv.resume_queue('q')",
+    "select priv.set_queue_notify('q', false)",
 )
 
 
@@ -167,8 +169,8 @@ def test_roles_granted_before_an_upgrade_keep_their_rights(
         for query in QUEUE_SETTINGS:
             worker.execute(query)
         assert worker.execute(
-            "select keep_succeeded, paused from priv.queues where name = 'q'"
-        ).fetchone() == (False, False)
+            "select keep_succeeded, paused, notify from priv.queues where name = 'q'"
+        ).fetchone() == (False, False, False)
     with psycopg.connect(roles["producer"], autocommit=True) as producer:
         for query in QUEUE_SETTINGS:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -473,6 +473,27 @@ def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> N
         assert notes == ["default", "other"]
 
 
+def test_a_quiet_queue_enqueues_without_notify(conn: Conn, dsn: str) -> None:
+    """set_queue_notify(q, false): no enqueue path NOTIFYs for q (one, many, the
+    COPY path's _notify, a key); other queues still do, and true undoes it."""
+    conn.execute("select pgqueue.set_queue_notify('quiet', false)")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue")
+        enqueue(conn, queue="quiet")
+        enqueue(conn, queue="quiet", key="k")
+        conn.execute(
+            "select * from pgqueue.enqueue_many(array['t', 't'],"
+            " array['{}', '{}']::jsonb[], array['quiet', 'loud'])"
+        )
+        conn.execute("select pgqueue._notify(array['quiet', 'loud', null])")
+        notes = sorted(n.payload for n in listener.notifies(timeout=0.5))
+        assert notes == ["default", "loud", "loud"]
+        conn.execute("select pgqueue.set_queue_notify('quiet', true)")
+        enqueue(conn, queue="quiet")
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == ["quiet"]
+    assert one(conn, "select count(*) from pgqueue.jobs where queue = 'quiet'") == 4
+
+
 def test_views_report_depth_running_and_dead(conn: Conn) -> None:
     enqueue(conn)
     enqueue(conn)
