@@ -183,6 +183,66 @@ def bench_enqueue(dsn: str, n: int, out: Results) -> None:
         )
 
 
+PRODUCERS = 8
+
+
+def _produce(dsn: str, queue: str, share: int) -> float:
+    """Seconds for PRODUCERS threads, each on its own connection, to enqueue
+    ``share`` jobs each, one per transaction."""
+    import threading
+
+    conns = [_connect(dsn) for _ in range(PRODUCERS)]
+    start = threading.Barrier(PRODUCERS + 1)
+    errors: list[BaseException] = []
+
+    def produce(conn: psycopg.Connection[Any]) -> None:
+        try:
+            start.wait()
+            for _ in range(share):
+                app.enqueue(conn, "noop", queue=queue)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(c,)) for c in conns]
+    try:
+        for thread in threads:
+            thread.start()
+        start.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def bench_producers(dsn: str, n: int, out: Results) -> None:
+    """Single enqueues from PRODUCERS concurrent connections (as many web
+    processes would), into a queue that NOTIFYs and into a quiet one."""
+    share = n // PRODUCERS
+    for queue, quiet in (("default", False), ("quiet", True)):
+        _reset(dsn)
+        if quiet:
+            with _connect(dsn) as conn:
+                conn.execute(_q("select {schema}.set_queue_notify('quiet', false)"))
+        seconds = _produce(dsn, queue, share)
+        with _connect(dsn) as conn:
+            count = _one(conn, _q("select count(*) from {schema}.jobs"))
+        if count != share * PRODUCERS:
+            raise RuntimeError(f"producers: {count} jobs, expected {share * PRODUCERS}")
+        kind = "a quiet queue (no NOTIFY)" if quiet else "a queue that NOTIFYs"
+        out.add(
+            "enqueue_8_producers" + ("_quiet" if quiet else ""),
+            share * PRODUCERS / seconds,
+            f"jobs/s, one job per transaction from {PRODUCERS} threads' connections,"
+            f" into {kind}",
+        )
+
+
 def _fill(dsn: str, n: int, task: str) -> None:
     _reset(dsn)
     with _connect(dsn) as conn:
@@ -347,6 +407,7 @@ def bench_memory(dsn: str, n: int, out: Results) -> None:
 
 WORKLOADS: dict[str, Callable[[str, int, Results], None]] = {
     "enqueue": bench_enqueue,
+    "producers": bench_producers,
     "drain": bench_drain,
     "business": bench_business,
     "latency": lambda dsn, n, out: bench_latency(dsn, 500, out),

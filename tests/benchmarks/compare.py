@@ -215,6 +215,8 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
     # Context, not a ceiling: the same INSERT sent by psycopg, the driver every
     # Python queue here uses, shows what the client alone costs per job.
     res["insert_one_psycopg"] = psycopg_inserts(fresh(), n)
+    # Many producers at once (pgqueue's `producers` workload: 8 connections).
+    res["insert_one_8c"] = pgbench(fresh(), SCRIPTS["insert_one"], 8, n // 8)
     res["insert_bulk"] = (
         pgbench(fresh(), SCRIPTS["insert_bulk"], 1, max(1, n // 1000)) * 1000
     )
@@ -363,11 +365,13 @@ def measure(
 
 
 def pgqueue_extra(server: str, n: int) -> dict[str, float]:
-    """pgqueue-only workloads from `pgqueue bench` (business rows, backlog, RSS)."""
+    """pgqueue-only workloads from `pgqueue bench` (concurrent producers, business
+    rows, backlog, RSS)."""
     dsn = fresh_db(server, "pqbench_pgqueue_extra")
     out = run(
         sys.executable, "-m", "pgqueue", "--dsn", dsn, "bench", "--jobs", str(n),
-        "--workload", "business", "--workload", "backlog", "--workload", "memory", "--json",
+        "--workload", "producers", "--workload", "business", "--workload", "backlog",
+        "--workload", "memory", "--json",
     )  # fmt: skip
     drop_db(server, "pqbench_pgqueue_extra")
     return dict(json.loads(out)["figures"])
@@ -378,6 +382,8 @@ def pgqueue_extra(server: str, n: int) -> dict[str, float]:
 CEILING = {
     "enqueue_one": "insert_one",
     "enqueue_bulk": "insert_bulk",
+    "enqueue_8_producers": "insert_one_8c",
+    "enqueue_8_producers_quiet": "insert_one_8c",
     "drain_1proc": "take_batch_1c",
     "drain_2proc": "take_batch_2c",
     "drain_1proc_discard": "take_batch_1c",

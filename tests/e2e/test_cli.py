@@ -444,3 +444,17 @@ def test_a_queue_can_be_made_quiet_and_loud_again(dsn: str, conn: Conn) -> None:
     ).fetchone() == (False,)
     out = cli(dsn, "queue", "bulk", "--notify").stdout.strip()
     assert out == "queue bulk: keep_succeeded=true paused=false notify=true"
+
+
+def test_bench_measures_concurrent_producers_and_cleans_up(
+    dsn: str, conn: Conn
+) -> None:
+    """`pgqueue bench --workload producers` checks that every job of its eight
+    producers arrived, reports both queues, and drops its scratch schema."""
+    out = cli(dsn, "bench", "--workload", "producers", "--jobs", "160", "--json")
+    figures = json.loads(out.stdout)["figures"]
+    assert sorted(figures) == ["enqueue_8_producers", "enqueue_8_producers_quiet"]
+    assert all(rate > 0 for rate in figures.values())
+    assert conn.execute(
+        "select count(*) from pg_namespace where nspname = 'pgqueue_bench'"
+    ).fetchone() == (0,)
