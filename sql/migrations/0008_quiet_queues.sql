@@ -10,9 +10,10 @@
 -- NOTIFY ran 4,927/s and 13,449/s.
 --
 -- A quiet queue (queues.notify = false, set with set_queue_notify) skips the
--- NOTIFY when jobs are enqueued; workers find its jobs by polling, so their
--- pickup latency becomes the workers' poll interval. Everything else (retries,
--- hand-backs, resume_queue) is unchanged.
+-- NOTIFY when jobs are enqueued (enqueue, enqueue_many, the COPY path) and when
+-- it is resumed (all through _notify); workers find its jobs by polling, so their
+-- pickup latency becomes the workers' poll interval. Retries and hand-backs,
+-- written by workers, still NOTIFY.
 
 alter table :pgqueue_schema.queues
     add column notify boolean not null default true;
