@@ -191,7 +191,6 @@ def _produce(dsn: str, queue: str, share: int) -> float:
     ``share`` jobs each, one per transaction."""
     import threading
 
-    conns = [_connect(dsn) for _ in range(PRODUCERS)]
     start = threading.Barrier(PRODUCERS + 1)
     errors: list[BaseException] = []
 
@@ -203,8 +202,12 @@ def _produce(dsn: str, queue: str, share: int) -> float:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(c,)) for c in conns]
+    conns: list[psycopg.Connection[Any]] = []
     try:
+        conns.extend(_connect(dsn) for _ in range(PRODUCERS))
+        threads = [
+            threading.Thread(target=produce, args=(c,), daemon=True) for c in conns
+        ]
         for thread in threads:
             thread.start()
         start.wait()
@@ -212,6 +215,9 @@ def _produce(dsn: str, queue: str, share: int) -> float:
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - started
+    except BaseException:
+        start.abort()  # threads waiting at the barrier give up
+        raise
     finally:
         for conn in conns:
             conn.close()
@@ -222,18 +228,27 @@ def _produce(dsn: str, queue: str, share: int) -> float:
 
 def bench_producers(dsn: str, n: int, out: Results) -> None:
     """Single enqueues from PRODUCERS concurrent connections (as many web
-    processes would), into a queue that NOTIFYs and into a quiet one."""
+    processes would), into a queue that NOTIFYs and into a quiet one. Checks
+    that every job arrived in its queue, and that only the first queue's
+    enqueues sent notifications."""
     share = n // PRODUCERS
     for queue, quiet in (("default", False), ("quiet", True)):
         _reset(dsn)
-        if quiet:
-            with _connect(dsn) as conn:
-                conn.execute(_q("select {schema}.set_queue_notify('quiet', false)"))
-        seconds = _produce(dsn, queue, share)
-        with _connect(dsn) as conn:
-            count = _one(conn, _q("select count(*) from {schema}.jobs"))
+        with _connect(dsn) as listener:
+            if quiet:
+                listener.execute(_q("select {schema}.set_queue_notify('quiet', false)"))
+            listener.execute(sql.SQL("listen {}").format(sql.Identifier(SCHEMA)))
+            seconds = _produce(dsn, queue, share)
+            notified = any(True for _ in listener.notifies(timeout=0.2))
+            count = _one(
+                listener,
+                _q("select count(*) from {schema}.jobs where queue = %s"),
+                [queue],
+            )
         if count != share * PRODUCERS:
             raise RuntimeError(f"producers: {count} jobs, expected {share * PRODUCERS}")
+        if notified == quiet:
+            raise RuntimeError(f"producers: queue {queue!r} notified={notified}")
         kind = "a quiet queue (no NOTIFY)" if quiet else "a queue that NOTIFYs"
         out.add(
             "enqueue_8_producers" + ("_quiet" if quiet else ""),

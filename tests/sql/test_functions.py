@@ -475,7 +475,8 @@ def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> N
 
 def test_a_quiet_queue_enqueues_without_notify(conn: Conn, dsn: str) -> None:
     """set_queue_notify(q, false): no enqueue path NOTIFYs for q (one, many, the
-    COPY path's _notify, a key); other queues still do, and true undoes it."""
+    COPY path's _notify, a key); other queues still do, resuming q does, and
+    true undoes it."""
     conn.execute("select pgqueue.set_queue_notify('quiet', false)")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("listen pgqueue")
@@ -488,6 +489,9 @@ def test_a_quiet_queue_enqueues_without_notify(conn: Conn, dsn: str) -> None:
         conn.execute("select pgqueue._notify(array['quiet', 'loud', null])")
         notes = sorted(n.payload for n in listener.notifies(timeout=0.5))
         assert notes == ["default", "loud", "loud"]
+        # An operator's resume wakes the workers of a quiet queue too.
+        conn.execute("select pgqueue.resume_queue('quiet')")
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == ["quiet"]
         conn.execute("select pgqueue.set_queue_notify('quiet', true)")
         enqueue(conn, queue="quiet")
         assert [n.payload for n in listener.notifies(timeout=0.5)] == ["quiet"]
