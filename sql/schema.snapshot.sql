@@ -1498,8 +1498,12 @@ begin;
 -- that exist when it runs. A role granted before those migrations lacked them
 -- until grant_worker was run again. Here every role that may lease (what
 -- grant_worker gives and grant_producer does not) gets the three; producers get
--- nothing.
-do $$
+-- nothing. Later migrations that add a function for workers do the same through
+-- _grant_to_workers.
+
+create function "pgqueue"._grant_to_workers(p_function regprocedure)
+returns void
+language plpgsql as $$
 declare
     v_role text;
 begin
@@ -1511,13 +1515,21 @@ begin
            and a.privilege_type = 'EXECUTE' and a.grantee <> 0
            and a.grantee <> p.proowner
     loop
-        execute format('grant execute on function '
-                       '"pgqueue".configure_queue(text, boolean), '
-                       '"pgqueue".pause_queue(text), '
-                       '"pgqueue".resume_queue(text) to %s', v_role);
+        execute format('grant execute on function %s to %s', p_function, v_role);
     end loop;
 end
 $$;
+comment on function "pgqueue"._grant_to_workers(regprocedure) is
+    'Internal (migrations): grant EXECUTE on a function to every role that may '
+    'lease, i.e. the worker roles, those granted before the function existed '
+    'included.';
+revoke execute on function "pgqueue"._grant_to_workers(regprocedure)
+    from public;
+
+select "pgqueue"._grant_to_workers(f)
+  from unnest(array['"pgqueue".configure_queue(text, boolean)',
+                    '"pgqueue".pause_queue(text)',
+                    '"pgqueue".resume_queue(text)']::regprocedure[]) as f;
 
 insert into "pgqueue".migrations (version, name) values (7, 'queue_settings_grants');
 commit;
@@ -1563,27 +1575,11 @@ comment on function "pgqueue".set_queue_notify(text, boolean) is
     '(false: a quiet queue, found by polling).';
 
 -- As the other queue settings: the owner and worker roles, those granted before
--- this migration included.
+-- this migration included (0007).
 revoke execute on function "pgqueue".set_queue_notify(text, boolean)
     from public;
-do $$
-declare
-    v_role text;
-begin
-    for v_role in
-        select distinct a.grantee::regrole::text
-          from pg_proc p, aclexplode(p.proacl) a
-         where p.oid = '"pgqueue".lease(text[], integer, text, double precision)'
-                       ::regprocedure
-           and a.privilege_type = 'EXECUTE' and a.grantee <> 0
-           and a.grantee <> p.proowner
-    loop
-        execute format('grant execute on function '
-                       '"pgqueue".set_queue_notify(text, boolean) to %s',
-                       v_role);
-    end loop;
-end
-$$;
+select "pgqueue"._grant_to_workers(
+    '"pgqueue".set_queue_notify(text, boolean)'::regprocedure);
 
 -- _notify: as in 0002, skipping quiet queues. It runs with the owner's rights:
 -- producers call it (bulk enqueue by COPY) and may not read the queues table.

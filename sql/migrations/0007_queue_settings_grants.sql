@@ -5,8 +5,12 @@
 -- that exist when it runs. A role granted before those migrations lacked them
 -- until grant_worker was run again. Here every role that may lease (what
 -- grant_worker gives and grant_producer does not) gets the three; producers get
--- nothing.
-do $$
+-- nothing. Later migrations that add a function for workers do the same through
+-- _grant_to_workers.
+
+create function :pgqueue_schema._grant_to_workers(p_function regprocedure)
+returns void
+language plpgsql as $$
 declare
     v_role text;
 begin
@@ -18,10 +22,18 @@ begin
            and a.privilege_type = 'EXECUTE' and a.grantee <> 0
            and a.grantee <> p.proowner
     loop
-        execute format('grant execute on function '
-                       ':pgqueue_schema.configure_queue(text, boolean), '
-                       ':pgqueue_schema.pause_queue(text), '
-                       ':pgqueue_schema.resume_queue(text) to %s', v_role);
+        execute format('grant execute on function %s to %s', p_function, v_role);
     end loop;
 end
 $$;
+comment on function :pgqueue_schema._grant_to_workers(regprocedure) is
+    'Internal (migrations): grant EXECUTE on a function to every role that may '
+    'lease, i.e. the worker roles, those granted before the function existed '
+    'included.';
+revoke execute on function :pgqueue_schema._grant_to_workers(regprocedure)
+    from public;
+
+select :pgqueue_schema._grant_to_workers(f)
+  from unnest(array[':pgqueue_schema.configure_queue(text, boolean)',
+                    ':pgqueue_schema.pause_queue(text)',
+                    ':pgqueue_schema.resume_queue(text)']::regprocedure[]) as f;

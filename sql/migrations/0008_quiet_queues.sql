@@ -37,27 +37,11 @@ comment on function :pgqueue_schema.set_queue_notify(text, boolean) is
     '(false: a quiet queue, found by polling).';
 
 -- As the other queue settings: the owner and worker roles, those granted before
--- this migration included.
+-- this migration included (0007).
 revoke execute on function :pgqueue_schema.set_queue_notify(text, boolean)
     from public;
-do $$
-declare
-    v_role text;
-begin
-    for v_role in
-        select distinct a.grantee::regrole::text
-          from pg_proc p, aclexplode(p.proacl) a
-         where p.oid = ':pgqueue_schema.lease(text[], integer, text, double precision)'
-                       ::regprocedure
-           and a.privilege_type = 'EXECUTE' and a.grantee <> 0
-           and a.grantee <> p.proowner
-    loop
-        execute format('grant execute on function '
-                       ':pgqueue_schema.set_queue_notify(text, boolean) to %s',
-                       v_role);
-    end loop;
-end
-$$;
+select :pgqueue_schema._grant_to_workers(
+    ':pgqueue_schema.set_queue_notify(text, boolean)'::regprocedure);
 
 -- _notify: as in 0002, skipping quiet queues. It runs with the owner's rights:
 -- producers call it (bulk enqueue by COPY) and may not read the queues table.
