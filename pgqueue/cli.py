@@ -472,7 +472,9 @@ def bench(
     jobs: Annotated[int, typer.Option(min=100, help="Jobs per workload.")] = 20_000,
     workload: Annotated[
         list[str] | None,
-        typer.Option(help="enqueue, drain, business, latency, backlog, memory."),
+        typer.Option(
+            help="enqueue, producers, drain, business, latency, backlog, memory."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
