@@ -387,22 +387,43 @@ def _lease_ms(conn: psycopg.Connection[Any], rounds: int) -> float:
     return statistics.median(times)
 
 
+_SCHEDULED = _q(
+    "insert into {schema}.jobs (task, args, priority, run_at) select 'noop', '{{}}',"
+    " 1, now() + interval '1 day' from generate_series(1, %s)"
+)
+
+
 def bench_backlog(dsn: str, big: int, out: Results) -> None:
-    """Lease time with 1,000 queued jobs against ``big`` queued jobs."""
+    """Lease time with 1,000 queued jobs against ``big`` queued jobs, and against
+    1,000 due jobs behind ``big`` scheduled for later at a higher priority (a
+    backlog of retries waiting out their backoff, say)."""
     results = []
-    for size in (1000, big):
+    for due, scheduled in ((1000, 0), (big, 0), (1000, big)):
         _reset(dsn)
         with _connect(dsn) as conn:
-            conn.execute(_INSERT, [size])
+            conn.execute(_INSERT, [due])
+            if scheduled:
+                conn.execute(_SCHEDULED, [scheduled])
             # Measure the steady state, not the checkpoint after a bulk load.
             conn.execute(_q("vacuum analyze {schema}.jobs"))
             with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
                 conn.execute("checkpoint")
             results.append(_lease_ms(conn, 1000))
-    small_ms, big_ms = results
+    small_ms, big_ms, behind_ms = results
     out.add("lease_ms_1k", small_ms, "ms, median lease(10) + complete, 1,000 queued")
     out.add("lease_ms_big", big_ms, f"ms, the same with {big:,} queued")
     out.add("lease_ratio", big_ms / small_ms, f"lease time at {big:,} / at 1,000")
+    out.add(
+        "lease_ms_behind_scheduled",
+        behind_ms,
+        f"ms, the same with 1,000 due behind {big:,} scheduled later at a higher"
+        " priority",
+    )
+    out.add(
+        "lease_ratio_behind_scheduled",
+        behind_ms / small_ms,
+        f"lease time behind {big:,} scheduled / with 1,000 queued",
+    )
 
 
 def bench_memory(dsn: str, n: int, out: Results) -> None:

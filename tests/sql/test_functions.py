@@ -88,6 +88,67 @@ def test_lease_skips_jobs_scheduled_later(conn: Conn) -> None:
     assert 3500 < seconds <= 3600
 
 
+def _fetch_index_blocks(conn: Conn) -> int:
+    return one(
+        conn,
+        "select pg_stat_get_xact_blocks_fetched('pgqueue.jobs_fetch_idx'::regclass)",
+    )
+
+
+def test_jobs_scheduled_later_at_a_higher_priority_cost_a_lease_nothing(
+    conn: Conn,
+) -> None:
+    # 20,000 jobs waiting out a backoff at priority 5 sit in front of the due
+    # jobs in the fetch index. Before 0009 a lease read past all of them
+    # (~110 index pages here; 6,030 buffers at 1,000,000); now it reads a
+    # few pages per priority level whatever their number.
+    conn.execute(
+        "insert into pgqueue.jobs (task, priority, run_at) select 't', 5,"
+        " now() + interval '1 day' from generate_series(1, 20000)"
+    )
+    conn.execute("analyze pgqueue.jobs")
+    due = [enqueue(conn, priority=p) for p in (0, 0, -3)]
+    with conn.transaction():
+        before = _fetch_index_blocks(conn)
+        leased = [r[0] for r in lease(conn, 10)]
+        read = _fetch_index_blocks(conn) - before
+    assert leased == due
+    assert read < 30, f"lease read {read} blocks of the fetch index"
+
+
+def test_lease_takes_levels_in_order_across_queues_past_locked_jobs(
+    conn: Conn, dsn: str
+) -> None:
+    a_high = enqueue(conn, queue="a", priority=7)
+    b_high = enqueue(conn, queue="b", priority=7)
+    a_mid = [enqueue(conn, queue="a", priority=3) for _ in range(3)]
+    b_mid = enqueue(conn, queue="b", priority=3)
+    b_low = enqueue(conn, queue="b", priority=-1)
+    enqueue(conn, queue="c", priority=9)  # not named
+    one(  # scheduled later, higher than any due job
+        conn, "select pgqueue.enqueue('t', '{}', 'a', 8, now() + interval '1 hour')"
+    )
+    with psycopg.connect(dsn) as other:
+        # Another worker holds one job of the middle level mid-lease.
+        other.execute(
+            "select id from pgqueue.jobs where id = %s for update", [a_mid[1]]
+        )
+        first = [r[0] for r in lease(conn, 4, ["a", "b", "a"])]
+        rest = [r[0] for r in lease(conn, 10, ["b", "a"])]
+    assert first == [a_high, b_high, a_mid[0], a_mid[2]]
+    assert rest == [b_mid, b_low]
+    assert [r[0] for r in lease(conn, 10, ["a", "b"])] == [a_mid[1]]
+
+
+def test_lease_of_zero_leases_nothing_and_a_negative_limit_is_refused(
+    conn: Conn,
+) -> None:
+    enqueue(conn)
+    assert lease(conn, 0) == []
+    with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
+        lease(conn, -1)
+
+
 def test_lease_only_from_named_queues(conn: Conn) -> None:
     a = enqueue(conn, queue="a")
     b = enqueue(conn, queue="b", priority=5)
