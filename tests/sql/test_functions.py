@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from typing import Any
 
@@ -138,6 +139,41 @@ def test_lease_takes_levels_in_order_across_queues_past_locked_jobs(
     assert first == [a_high, b_high, a_mid[0], a_mid[2]]
     assert rest == [b_mid, b_low]
     assert [r[0] for r in lease(conn, 10, ["a", "b"])] == [a_mid[1]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lease_order_matches_a_model_over_random_queues_levels_and_schedules(
+    conn: Conn, seed: int
+) -> None:
+    rng = random.Random(seed)
+    due: dict[int, tuple[str, int, int]] = {}  # id -> (queue, priority, age)
+    for age in range(rng.randint(20, 120)):
+        queue = rng.choice("abc")
+        priority = rng.randint(-2, 3)
+        if rng.random() < 0.3:  # for later
+            seconds = rng.randint(60, 3600)
+        else:
+            seconds = -(age + 1)
+        job_id = one(
+            conn,
+            "select pgqueue.enqueue('t', '{}', %s, %s,"
+            " now() + make_interval(secs => %s))",
+            [queue, priority, seconds],
+        )
+        if seconds < 0:
+            due[job_id] = (queue, priority, seconds)
+    while True:
+        queues = rng.sample("abc", rng.randint(1, 3))
+        n = rng.choice([1, 2, 5, 17, 100])
+        model = sorted(
+            (job for job in due if due[job][0] in queues),
+            key=lambda job: (-due[job][1], due[job][2], job),
+        )[:n]
+        assert [r[0] for r in lease(conn, n, queues)] == model
+        for job in model:
+            del due[job]
+        if not due:
+            break
 
 
 def test_lease_of_zero_leases_nothing_and_a_negative_limit_is_refused(
