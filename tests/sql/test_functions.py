@@ -150,10 +150,8 @@ def test_lease_order_matches_a_model_over_random_queues_levels_and_schedules(
     for age in range(rng.randint(20, 120)):
         queue = rng.choice("abc")
         priority = rng.randint(-2, 3)
-        if rng.random() < 0.3:  # for later
-            seconds = rng.randint(60, 3600)
-        else:
-            seconds = -(age + 1)
+        # Three in ten wait for later; the others are due, each a second older.
+        seconds = rng.randint(60, 3600) if rng.random() < 0.3 else -(age + 1)
         job_id = one(
             conn,
             "select pgqueue.enqueue('t', '{}', %s, %s,"
