@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import uuid
 from typing import Any
 
@@ -172,6 +173,51 @@ def test_lease_order_matches_a_model_over_random_queues_levels_and_schedules(
             del due[job]
         if not due:
             break
+
+
+def test_concurrent_leases_over_levels_take_each_due_job_exactly_once(
+    conn: Conn, dsn: str
+) -> None:
+    conn.execute(
+        "insert into pgqueue.jobs (task, queue, priority, run_at)"
+        " select 't', (array['a','b','c'])[1 + g % 3], g % 7 - 3,"
+        " now() + case when g % 5 = 0 then interval '1 hour' else -g * interval '1 ms' end"
+        " from generate_series(1, 3000) g"
+    )
+    due = {
+        row[0]
+        for row in conn.execute(
+            "select id from pgqueue.jobs where run_at <= now()"
+        ).fetchall()
+    }
+    taken: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        mine: list[int] = []
+        try:
+            with psycopg.connect(dsn, autocommit=True) as own:
+                empty = 0
+                while empty < 3:  # three empty leases in a row: all gone
+                    queues = rng.sample(["a", "b", "c"], rng.randint(1, 3))
+                    rows = lease(own, rng.choice([1, 7, 50]), queues)
+                    mine.extend(r[0] for r in rows)
+                    empty = empty + 1 if not rows and len(queues) == 3 else 0
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        taken.append(mine)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    leased = [job for mine in taken for job in mine]
+    assert len(leased) == len(set(leased)), "a job was leased twice"
+    assert set(leased) == due
+    assert sum(1 for mine in taken if mine) >= 2  # they did lease side by side
 
 
 def test_lease_of_zero_leases_nothing_and_a_negative_limit_is_refused(
