@@ -480,7 +480,16 @@ class Worker(JobExecution):
                 continue
             alive = {row[0] for row in rows}
             for attempt in running:
-                if attempt.job.id not in alive and not attempt.lease_lost:
+                # A job that finished while the heartbeat was on its way left
+                # the table (or holds its row lock) and is not in ``alive``:
+                # only one still running here has lost its lease.
+                if (
+                    attempt.job.id not in alive
+                    and not attempt.lease_lost
+                    and not attempt.completing
+                    and self._running.get(attempt.job.id) is attempt
+                    and not (attempt.future is not None and attempt.future.done())
+                ):
                     attempt.lease_lost = True
                     self._log.warning("job_lease_expired", job_id=attempt.job.id)
 

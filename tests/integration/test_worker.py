@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog.testing
 
 import pgqueue
 from pgqueue.retry import ExponentialBackoff
@@ -331,6 +332,41 @@ def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None
         release_first.set()
         wait_until(lambda: worker.counters.lease_lost == 1)
     assert rows(business) == [(job_id, "attempt 2")]
+
+
+def test_heartbeats_racing_completions_report_no_lost_lease(
+    dsn: str, business: Conn
+) -> None:
+    """A heartbeat lists the jobs running when it starts; those that complete
+    while it is on its way are gone from the table when it runs. They finished:
+    the worker must not report their leases as expired."""
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def record(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s, 'x')", [ctx.job.id])
+        time.sleep(0.002)
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> None:
+        await asyncio.sleep(0.002)
+
+    record.enqueue_many(business, [{}] * 1500)
+    quick.enqueue_many(business, [{}] * 1500)
+    with structlog.testing.capture_logs() as events:
+        # Heartbeats every 0.4 s while about eight jobs complete every few ms.
+        with running_worker(app, concurrency=8, lease_seconds=1.2) as worker:
+            wait_until(
+                lambda: (
+                    business.execute("select count(*) from pgqueue.jobs").fetchone()
+                    == (0,)
+                ),
+                timeout=120,
+            )
+    assert worker.counters.succeeded == 3000
+    assert worker.counters.lease_lost == 0
+    expired = [e for e in events if e["event"] == "job_lease_expired"]
+    assert expired == [], f"{len(expired)} finished jobs reported as expired"
 
 
 def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
