@@ -353,16 +353,17 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
 
     record.enqueue_many(business, [{}] * 1500)
     quick.enqueue_many(business, [{}] * 1500)
-    with structlog.testing.capture_logs() as events:
-        # Heartbeats every 0.4 s while about eight jobs complete every few ms.
-        with running_worker(app, concurrency=8, lease_seconds=1.2) as worker:
-            wait_until(
-                lambda: (
-                    business.execute("select count(*) from pgqueue.jobs").fetchone()
-                    == (0,)
-                ),
-                timeout=120,
-            )
+    # Heartbeats every 0.4 s while about eight jobs complete every few ms.
+    with (
+        structlog.testing.capture_logs() as events,
+        running_worker(app, concurrency=8, lease_seconds=1.2) as worker,
+    ):
+        wait_until(
+            lambda: (
+                business.execute("select count(*) from pgqueue.jobs").fetchone() == (0,)
+            ),
+            timeout=120,
+        )
     assert worker.counters.succeeded == 3000
     assert worker.counters.lease_lost == 0
     expired = [e for e in events if e["event"] == "job_lease_expired"]
