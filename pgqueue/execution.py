@@ -109,6 +109,7 @@ class Attempt:
     abandoned: bool = False  # handed back at shutdown: must not complete
     lease_lost: bool = False
     completing: bool = False  # completed in a batch transaction not yet committed
+    failing: bool = False  # its failure is being recorded (requeued or dead)
 
 
 def _set_completing(attempt: Attempt, value: bool) -> None:
@@ -125,6 +126,7 @@ class Counters:
     leased: int = 0
     lease_calls: int = 0
     leases_ahead: int = 0  # sent before the previous batch started (worker.py)
+    heartbeats: int = 0
 
 
 class JobExecution:
@@ -403,6 +405,7 @@ class JobExecution:
         job = attempt.job
         if attempt.abandoned:
             return
+        attempt.failing = True  # from here on the row may leave (heartbeat)
         number = job.attempts + 1
         if isinstance(exc, Retry) and exc.after is not None:
             delay = exc.after

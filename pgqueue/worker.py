@@ -478,15 +478,20 @@ class Worker(JobExecution):
             except Exception as exc:
                 self._log.warning("heartbeat_failed", error=repr(exc))
                 continue
+            self.counters.heartbeats += 1
             alive = {row[0] for row in rows}
             for attempt in running:
-                # A job that finished while the heartbeat was on its way left
-                # the table (or holds its row lock) and is not in ``alive``:
-                # only one still running here has lost its lease.
+                # A job that completed, failed, timed out or was handed back
+                # while the heartbeat was on its way left the table (or holds
+                # its row lock) and is not in ``alive``: only one still running
+                # here has lost its lease.
                 if (
                     attempt.job.id not in alive
                     and not attempt.lease_lost
                     and not attempt.completing
+                    and not attempt.failing
+                    and not attempt.timed_out
+                    and not attempt.abandoned
                     and self._running.get(attempt.job.id) is attempt
                     and not (attempt.future is not None and attempt.future.done())
                 ):

@@ -338,8 +338,8 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
     dsn: str, business: Conn
 ) -> None:
     """A heartbeat lists the jobs running when it starts; those that complete
-    while it is on its way are gone from the table when it runs. They finished:
-    the worker must not report their leases as expired."""
+    or fail while it is on its way are gone from the table when it runs. They
+    finished: the worker must not report their leases as expired."""
     app = pgqueue.App(dsn)
 
     @app.task()
@@ -351,12 +351,18 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
     async def quick(ctx: pgqueue.JobContext) -> None:
         await asyncio.sleep(0.002)
 
-    record.enqueue_many(business, [{}] * 1500)
-    quick.enqueue_many(business, [{}] * 1500)
-    # Heartbeats every 0.4 s while about eight jobs complete every few ms.
+    @app.task(max_attempts=1)
+    def broken(ctx: pgqueue.JobContext) -> None:
+        time.sleep(0.002)
+        raise ValueError("dead on the first attempt")
+
+    record.enqueue_many(business, [{}] * 1200)
+    quick.enqueue_many(business, [{}] * 1200)
+    broken.enqueue_many(business, [{}] * 600)
+    # Heartbeats every second while about eight jobs end every few ms.
     with (
         structlog.testing.capture_logs() as events,
-        running_worker(app, concurrency=8, lease_seconds=1.2) as worker,
+        running_worker(app, concurrency=8, lease_seconds=3) as worker,
     ):
         wait_until(
             lambda: (
@@ -364,8 +370,10 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
             ),
             timeout=120,
         )
-    assert worker.counters.succeeded == 3000
+    assert worker.counters.succeeded == 2400
+    assert worker.counters.failed == 600
     assert worker.counters.lease_lost == 0
+    assert worker.counters.heartbeats >= 2
     expired = [e for e in events if e["event"] == "job_lease_expired"]
     assert expired == [], f"{len(expired)} finished jobs reported as expired"
 
