@@ -235,6 +235,7 @@ def test_concurrent_leases_over_levels_take_each_due_job_exactly_once(
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a leasing thread hung"
     assert not errors
     leased = [job for mine in taken for job in mine]
     assert len(leased) == len(set(leased)), "a job was leased twice"
