@@ -12,15 +12,22 @@
 -- descent per level (a loose index scan in a recursive CTE), and each level
 -- reads only its due jobs, in (run_at, id) order: an index range that ends at
 -- now(). The walk is lazy: the LIMIT stops it at the level that fills the
--- lease. The order is the same as before: priority desc, run_at, id, across
+-- lease. Past 256 levels, the rest of the queue is read in lease order as
+-- before. The order is the same as before: priority desc, run_at, id, across
 -- the queues named. Measured on 2 cores, PostgreSQL 15 (/tmp harness, medians
--- of 300 calls, old -> new): 1,000 due behind 100,000 scheduled at a higher
--- priority, lease(10) 8.8 -> 0.5-0.7 ms; one queue of 1,000 due, lease(250)
--- 4.3 -> 4.1; one due job 0.85 -> 0.6; an empty queue 0.65 -> 0.38; 4 or 100
--- queues, or 100,000 jobs over 30,000 priorities, within 10 %. The price: a
--- level that holds only jobs for later costs two descents (~3 us) where the
--- old scan passed its jobs at ~0.5 us each, so 1,000 such levels of one job
--- each made a lease 0.7 -> 5.8 ms.
+-- of 300 calls in rolled-back transactions, old -> new):
+--   1,000 due behind 100,000 scheduled at a higher priority, lease(10): 4.4 -> 0.41 ms
+--   1,000 due behind 100 levels x 10,000 scheduled, lease(10):          46 -> 1.2 ms
+--   one queue of 1,000 due, lease(250):                                2.5 -> 2.3 ms
+--   one due job, lease(250):                                          0.50 -> 0.29 ms
+--   an empty queue:                                                   0.33 -> 0.18 ms
+--   4 queues of 1,000 due, lease(250):                                3.2 -> 3.1 ms
+--   100 queues, one due job each at its own priority, lease(100):     1.45 -> 1.78 ms
+-- The price: a level that holds only jobs for later costs two descents
+-- (~3 us) where the old scan passed its jobs at well under 1 us each, so many
+-- sparse levels cost more: one due job behind 1,000 levels of one job each
+-- 0.57 -> 1.9 ms; behind 30,000 such levels 1.7 -> 3.6 ms (the cap of 256
+-- levels bounds this; walking them all took 174 ms).
 create or replace function :pgqueue_schema.lease(
     p_queues        text[],
     p_limit         integer,
@@ -65,33 +72,49 @@ begin
                -- job (due or not), then each next lower one, one index descent
                -- each. For each level, its due jobs in (run_at, id) order: an
                -- index range that ends at now(). The walk is lazy: the LIMIT
-               -- stops it at the level that fills the lease.
-               with recursive levels(priority) as (
+               -- stops it at the level that fills the lease. It walks at most
+               -- 256 levels; below the 256th, the jobs are read in lease order
+               -- as before 0009, so thousands of levels holding a few jobs for
+               -- later each cost their index entries, not two descents apiece.
+               with recursive levels(priority, n) as (
                    select (select j.priority from :pgqueue_schema.jobs j
                             where j.queue = q.name and j.state = 'queued'
                             order by j.priority desc
-                            limit 1)
+                            limit 1), 1
                    union all
                    select (select j.priority from :pgqueue_schema.jobs j
                             where j.queue = q.name and j.state = 'queued'
                               and j.priority < l.priority
                             order by j.priority desc
-                            limit 1)
+                            limit 1), l.n + 1
                      from levels l
-                    where l.priority is not null
+                    where l.priority is not null and l.n < 256
                )
-               select d.id, d.priority, d.run_at
-                 from levels l
-                cross join lateral (
-                      select j.id, j.priority, j.run_at
-                        from :pgqueue_schema.jobs j
-                       where j.queue = q.name and j.state = 'queued'
-                         and j.priority = l.priority and j.run_at <= now()
-                       order by j.run_at, j.id
-                       limit p_limit
-                         for update skip locked) d
-                where l.priority is not null
-                limit p_limit
+               (select d.id, d.priority, d.run_at
+                  from levels l
+                 cross join lateral (
+                       select j.id, j.priority, j.run_at
+                         from :pgqueue_schema.jobs j
+                        where j.queue = q.name and j.state = 'queued'
+                          and j.priority = l.priority and j.run_at <= now()
+                        order by j.run_at, j.id
+                        limit p_limit
+                          for update skip locked) d
+                 where l.priority is not null)
+               union all
+               -- Read only once the walk is exhausted, and only when it
+               -- stopped at its 256th level: everything below that level.
+               select b.id, b.priority, b.run_at
+                 from (select j.id, j.priority, j.run_at
+                         from :pgqueue_schema.jobs j
+                        where j.queue = q.name and j.state = 'queued'
+                          and j.priority < (select l.priority from levels l
+                                             where l.n = 256)
+                          and j.run_at <= now()
+                        order by j.priority desc, j.run_at, j.id
+                        limit p_limit
+                          for update skip locked) b
+               limit p_limit
          ) c
          -- Several queues: each locks up to p_limit, the surplus is released
          -- at commit (as before).

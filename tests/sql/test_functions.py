@@ -118,6 +118,27 @@ def test_jobs_scheduled_later_at_a_higher_priority_cost_a_lease_nothing(
     assert read < 30, f"lease read {read} blocks of the fetch index"
 
 
+def test_lease_past_the_walks_last_level_keeps_the_order_and_stays_cheap(
+    conn: Conn,
+) -> None:
+    # 2,000 levels hold a job for later each. lease walks the top 256 levels
+    # (down to priority 1745), two index descents each, then reads the rest in
+    # lease order. Walking all 2,000 read ~8,000 index blocks for this lease.
+    conn.execute(
+        "insert into pgqueue.jobs (task, priority, run_at) select 't', g,"
+        " now() + interval '1 hour' from generate_series(1, 2000) g"
+    )
+    conn.execute("analyze pgqueue.jobs")
+    due = [enqueue(conn, priority=p) for p in (1990, 1745, 1744, 20, 20, -5, 2000)]
+    expected = [due[6], due[0], due[1], due[2], due[3], due[4], due[5]]
+    with conn.transaction():
+        before = _fetch_index_blocks(conn)
+        leased = [r[0] for r in lease(conn, 10)]
+        read = _fetch_index_blocks(conn) - before
+    assert leased == expected
+    assert read < 3000, f"lease read {read} blocks of the fetch index"
+
+
 def test_a_lease_planned_on_an_empty_table_still_walks_the_index(conn: Conn) -> None:
     # The lease's plan is made once per connection and kept (a generic plan).
     # Made while the table was empty, it must not scan the table once jobs
