@@ -90,11 +90,13 @@ def test_lease_skips_jobs_scheduled_later(conn: Conn) -> None:
     assert 3500 < seconds <= 3600
 
 
-def _fetch_index_blocks(conn: Conn) -> int:
-    return one(
-        conn,
-        "select pg_stat_get_xact_blocks_fetched('pgqueue.jobs_fetch_idx'::regclass)",
-    )
+def _lease_reading(conn: Conn, n: int, relation: str) -> tuple[list[int], int]:
+    """Lease n from 'default': the ids, and the blocks of ``relation`` it read."""
+    fetched = "select pg_stat_get_xact_blocks_fetched(%s::regclass)"
+    with conn.transaction():
+        before = one(conn, fetched, [relation])
+        leased = [r[0] for r in lease(conn, n)]
+        return leased, one(conn, fetched, [relation]) - before
 
 
 def test_jobs_scheduled_later_at_a_higher_priority_cost_a_lease_nothing(
@@ -110,10 +112,7 @@ def test_jobs_scheduled_later_at_a_higher_priority_cost_a_lease_nothing(
     )
     conn.execute("analyze pgqueue.jobs")
     due = [enqueue(conn, priority=p) for p in (0, 0, -3)]
-    with conn.transaction():
-        before = _fetch_index_blocks(conn)
-        leased = [r[0] for r in lease(conn, 10)]
-        read = _fetch_index_blocks(conn) - before
+    leased, read = _lease_reading(conn, 10, "pgqueue.jobs_fetch_idx")
     assert leased == due
     assert read < 30, f"lease read {read} blocks of the fetch index"
 
@@ -131,10 +130,7 @@ def test_lease_past_the_walks_last_level_keeps_the_order_and_stays_cheap(
     conn.execute("analyze pgqueue.jobs")
     due = [enqueue(conn, priority=p) for p in (1990, 1745, 1744, 20, 20, -5, 2000)]
     expected = [due[6], due[0], due[1], due[2], due[3], due[4], due[5]]
-    with conn.transaction():
-        before = _fetch_index_blocks(conn)
-        leased = [r[0] for r in lease(conn, 10)]
-        read = _fetch_index_blocks(conn) - before
+    leased, read = _lease_reading(conn, 10, "pgqueue.jobs_fetch_idx")
     assert leased == expected
     assert read < 3000, f"lease read {read} blocks of the fetch index"
 
@@ -147,17 +143,8 @@ def test_a_lease_planned_on_an_empty_table_still_walks_the_index(conn: Conn) -> 
     conn.execute(
         "insert into pgqueue.jobs (task) select 't' from generate_series(1, 20000)"
     )
-    with conn.transaction():
-        before = one(
-            conn, "select pg_stat_get_xact_blocks_fetched('pgqueue.jobs'::regclass)"
-        )
-        assert len(lease(conn, 10)) == 10
-        read = (
-            one(
-                conn, "select pg_stat_get_xact_blocks_fetched('pgqueue.jobs'::regclass)"
-            )
-            - before
-        )
+    leased, read = _lease_reading(conn, 10, "pgqueue.jobs")
+    assert len(leased) == 10
     assert read < 150, f"lease read {read} heap blocks (the table has ~350)"
 
 
