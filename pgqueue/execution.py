@@ -111,6 +111,18 @@ class Attempt:
     completing: bool = False  # completed in a batch transaction not yet committed
     failing: bool = False  # its failure is being recorded (requeued or dead)
 
+    def in_flight(self) -> bool:
+        """Neither ending (completing, failing, handler done) nor given up
+        (timed out, handed back): then, and only then, a job row missing from
+        the table means this attempt's lease was lost."""
+        return not (
+            self.completing
+            or self.failing
+            or self.timed_out
+            or self.abandoned
+            or (self.future is not None and self.future.done())
+        )
+
 
 def _set_completing(attempt: Attempt, value: bool) -> None:
     attempt.completing = value

@@ -481,19 +481,14 @@ class Worker(JobExecution):
             self.counters.heartbeats += 1
             alive = {row[0] for row in rows}
             for attempt in running:
-                # A job that completed, failed, timed out or was handed back
-                # while the heartbeat was on its way left the table (or holds
-                # its row lock) and is not in ``alive``: only one still running
-                # here has lost its lease.
+                # A job that ended while the heartbeat was on its way left the
+                # table (or holds its row lock) and is not in ``alive``: only
+                # one still in flight here has lost its lease.
                 if (
                     attempt.job.id not in alive
                     and not attempt.lease_lost
-                    and not attempt.completing
-                    and not attempt.failing
-                    and not attempt.timed_out
-                    and not attempt.abandoned
                     and self._running.get(attempt.job.id) is attempt
-                    and not (attempt.future is not None and attempt.future.done())
+                    and attempt.in_flight()
                 ):
                     attempt.lease_lost = True
                     self._log.warning("job_lease_expired", job_id=attempt.job.id)
