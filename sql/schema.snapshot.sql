@@ -1724,21 +1724,18 @@ set plan_cache_mode = force_generic_plan
 -- the plan is the index walk whatever the statistics said (0.55 ms).
 set enable_seqscan = off
 as $$
-declare
-    v_queues text[];
 begin
     if p_limit < 0 then
         raise exception 'lease limit must not be negative, got %', p_limit
               using errcode = 'invalid_row_count_in_limit_clause';
     end if;
-    v_queues := array(
-        select distinct u.name from unnest(p_queues) as u(name)
-         where not exists (select 1 from "pgqueue".queues p
-                            where p.name = u.name and p.paused));
     return query
     with picked as (
         select c.id
-          from unnest(v_queues) as q(name)
+          -- The queues named, once each, that are not paused.
+          from (select distinct u.name from unnest(p_queues) as u(name)
+                 where not exists (select 1 from "pgqueue".queues p
+                                    where p.name = u.name and p.paused)) as q
          cross join lateral (
                -- This queue's levels, highest first: the first with a queued
                -- job (due or not), then each next lower one, one index descent
