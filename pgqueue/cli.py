@@ -152,6 +152,19 @@ def worker(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (--no-listen: poll only).")
     ] = True,
+    retention: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Hours finished jobs are kept before the worker prunes them."
+        ),
+    ] = 24 * 7,
+    prune_jobs: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Prune finished jobs (--no-prune: leave it to `pgqueue prune`).",
+        ),
+    ] = True,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning, error.")
     ] = "info",
@@ -187,6 +200,7 @@ def worker(
             shutdown_grace=grace,
             until_empty=until_empty,
             listen=listen,
+            retention=timedelta(hours=retention) if prune_jobs else None,
         ).run()
     except PgqueueError as exc:
         _fail(str(exc))

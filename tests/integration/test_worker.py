@@ -682,3 +682,58 @@ def test_a_quiet_queue_is_served_by_polling(dsn: str, conn: Conn) -> None:
         ids = [hush.enqueue(conn) for _ in range(3)]
         wait_until(lambda: sorted(ran) == ids)
         assert list(listener.notifies(timeout=0.1)) == []
+
+
+def _old_finished_jobs(conn: Conn, n: int) -> None:
+    conn.execute(
+        "insert into pgqueue.finished_jobs (id, queue, task, args, priority, state,"
+        " attempts, max_attempts, created_at, finished_at)"
+        " select -g, 'default', 'gone', '{}', 0, 'succeeded', 0, 25,"
+        " now() - interval '9 days', now() - interval '8 days'"
+        " from generate_series(1, %s) g",
+        [n],
+    )
+
+
+def test_a_worker_prunes_all_the_history_past_retention_in_one_round(
+    dsn: str, conn: Conn
+) -> None:
+    # Before, a round deleted at most one batch of 10,000, every five minutes:
+    # a history that grew faster than 33 jobs/s was never caught up.
+    _old_finished_jobs(conn, 25_000)
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    young = noop.enqueue(conn)
+    with (
+        structlog.testing.capture_logs() as events,
+        running_worker(app, reap_interval=0.2, retention=timedelta(days=7)),
+    ):
+        wait_until(lambda: any(e["event"] == "jobs_pruned" for e in events), timeout=30)
+    assert [e["count"] for e in events if e["event"] == "jobs_pruned"] == [25_000]
+    left = conn.execute("select id, state::text from pgqueue.finished_jobs").fetchall()
+    assert left == [(young, "succeeded")]
+
+
+def test_a_worker_without_retention_prunes_nothing(dsn: str, conn: Conn) -> None:
+    _old_finished_jobs(conn, 10)
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    with running_worker(app, reap_interval=0.1, retention=None) as worker:
+        noop.enqueue(conn)
+        wait_until(lambda: worker.counters.succeeded == 1)
+        time.sleep(0.5)  # five reap intervals: a pruning worker would have pruned
+    count = "select count(*) from pgqueue.finished_jobs where task = 'gone'"
+    assert conn.execute(count).fetchone() == (10,)
+
+
+def test_a_worker_refuses_a_negative_retention(dsn: str) -> None:
+    with pytest.raises(pgqueue.errors.ConfigurationError, match="retention"):
+        pgqueue.Worker(pgqueue.App(dsn), retention=timedelta(hours=-1))

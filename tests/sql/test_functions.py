@@ -593,6 +593,75 @@ def test_prune_forgets_old_finished_jobs_and_their_keys(conn: Conn) -> None:
     assert enqueue(conn, key="k") != job_id
 
 
+def _finished(conn: Conn, ids: range, age: str, key_every: int = 0) -> None:
+    """Finished jobs with these ids that finished ``age`` ago; every
+    ``key_every``-th has an idempotency key."""
+    conn.execute(
+        "insert into pgqueue.finished_jobs (id, queue, task, args, priority, state,"
+        " attempts, max_attempts, created_at, finished_at, idempotency_key)"
+        " select g, 'default', 't', '{}', 0, 'succeeded', 0, 25, now() - %s::interval,"
+        " now() - %s::interval,"
+        " case when %s > 0 and g %% %s = 0 then 'k' || g end"
+        " from generate_series(%s::bigint, %s::bigint) g",
+        [age, age, key_every, max(key_every, 1), ids.start, ids.stop - 1],
+    )
+    conn.execute(
+        "insert into pgqueue.idempotency_keys (queue, key, job_id)"
+        " select queue, idempotency_key, id from pgqueue.finished_jobs"
+        " where idempotency_key is not null and id between %s and %s",
+        [ids.start, ids.stop - 1],
+    )
+
+
+def _ids(conn: Conn, query: str) -> set[int]:
+    return {row[0] for row in conn.execute(query).fetchall()}
+
+
+def test_prune_reads_its_batch_not_the_history(conn: Conn) -> None:
+    # The young jobs lie first in the heap, the old ones after them, as they do
+    # once pruned pages are reused. Before 0010 each batch read all of
+    # finished_jobs with a sequential scan (33,000 rows here, for a batch of
+    # 1,000); now it walks the primary key from the oldest ids.
+    _finished(conn, range(100_001, 130_001), "1 hour", key_every=7)
+    _finished(conn, range(1, 3_001), "10 days", key_every=7)
+    conn.execute("analyze pgqueue.finished_jobs")
+    seq_rows = (
+        "select pg_stat_get_xact_tuples_returned('pgqueue.finished_jobs'::regclass)"
+    )
+    with conn.transaction():
+        before = one(conn, seq_rows)
+        assert one(conn, "select pgqueue.prune(interval '7 days', 1000)") == 1000
+        read = one(conn, seq_rows) - before
+    assert read < 2000, f"a prune of 1,000 read {read} rows by sequential scan"
+    # The oldest ids go first; the young jobs and their keys stay.
+    assert min(_ids(conn, "select id from pgqueue.finished_jobs")) == 1001
+    while one(conn, "select pgqueue.prune(interval '7 days', 1000)"):
+        pass
+    assert _ids(conn, "select id from pgqueue.finished_jobs") == set(
+        range(100_001, 130_001)
+    )
+    assert _ids(conn, "select job_id from pgqueue.idempotency_keys") == {
+        i for i in range(100_001, 130_001) if i % 7 == 0
+    }
+
+
+def test_concurrent_prunes_delete_different_jobs(conn: Conn, dsn: str) -> None:
+    _finished(conn, range(1, 501), "10 days", key_every=3)
+    with psycopg.connect(dsn) as other:  # holds its batch, uncommitted
+        assert one(other, "select pgqueue.prune(interval '1 day', 100)") == 100
+        held = set(range(1, 501)) - _ids(other, "select id from pgqueue.finished_jobs")
+        assert one(conn, "select pgqueue.prune(interval '1 day', 1000)") == 400
+        assert _ids(conn, "select id from pgqueue.finished_jobs") == held
+        other.rollback()  # its batch is there again, and the next prune takes it
+    assert one(conn, "select pgqueue.prune(interval '1 day', 1000)") == 100
+    assert one(conn, "select count(*) from pgqueue.idempotency_keys") == 0
+
+
+def test_prune_refuses_a_negative_limit(conn: Conn) -> None:
+    with pytest.raises(psycopg.errors.InvalidRowCountInLimitClause):
+        one(conn, "select pgqueue.prune(interval '1 day', -1)")
+
+
 def test_enqueue_many_in_order_with_keys(conn: Conn) -> None:
     rows = conn.execute(
         "select id, created from pgqueue.enqueue_many(%s, %s::jsonb[], null, null, null, null, %s)",
