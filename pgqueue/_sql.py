@@ -79,6 +79,14 @@ _TEMPLATES: dict[str, LiteralString] = {
     "register_worker": "select {schema}.register_worker(%s, %s, %s, %s)",
     "unregister_worker": "select {schema}.unregister_worker(%s)",
     "prune": "select {schema}.prune(make_interval(secs => %s), %s)",
+    # The worker's: one prune at a time across the workers of a schema (the
+    # first parameter names the lock); NULL when another holds it. Side by side,
+    # four pruners on 2 cores were no faster in all than one, and each batch
+    # took 4-5x as long.
+    "prune_alone": (
+        "select case when pg_try_advisory_xact_lock(hashtext(%s))"
+        " then {schema}.prune(make_interval(secs => %s), %s) end"
+    ),
     "cancel": "select {schema}.cancel(%s)",
     "configure_queue": "select {schema}.configure_queue(%s, %s)",
     "pause_queue": "select {schema}.pause_queue(%s)",
@@ -134,6 +142,7 @@ class Statements:
     register_worker: str
     unregister_worker: str
     prune: str
+    prune_alone: str
     cancel: str
     configure_queue: str
     pause_queue: str

@@ -17,6 +17,8 @@ from pgqueue import _sql, migrations
 from pgqueue.app import App, resolve_dsn
 from pgqueue.errors import ConfigurationError, PgqueueError, from_database
 
+MAX_HOURS = 24 * 365 * 100  # retention options: larger overflows a timedelta
+
 cli = typer.Typer(
     help="pgqueue: a job queue that lives inside PostgreSQL.",
     no_args_is_help=True,
@@ -155,7 +157,9 @@ def worker(
     retention: Annotated[
         float,
         typer.Option(
-            min=0, help="Hours finished jobs are kept before the worker prunes them."
+            min=0,
+            max=MAX_HOURS,
+            help="Hours finished jobs are kept before the worker prunes them.",
         ),
     ] = 24 * 7,
     prune_jobs: Annotated[
@@ -464,19 +468,24 @@ def queue(
 @cli.command()
 def prune(
     older_than: Annotated[
-        float, typer.Option(help="Age in hours of finished jobs to delete.")
+        float,
+        typer.Option(
+            min=0, max=MAX_HOURS, help="Age in hours of finished jobs to delete."
+        ),
     ] = 24 * 7,
 ) -> None:
     """Delete finished jobs (and their idempotency keys) older than the retention."""
+    from pgqueue.worker import PRUNE_BATCH
+
     seconds = timedelta(hours=older_than).total_seconds()
     total = 0
     with _connect() as conn:
         while True:
             count = _fetch(
-                conn, _sql.statements(_settings.schema).prune, [seconds, 10000]
+                conn, _sql.statements(_settings.schema).prune, [seconds, PRUNE_BATCH]
             )[0][0]
             total += count
-            if count < 10000:
+            if count < PRUNE_BATCH:
                 break
     typer.echo(f"pruned {total} finished jobs")
 

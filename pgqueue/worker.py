@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import threading
@@ -74,8 +75,9 @@ class Worker(JobExecution):
         until_empty: exit once nothing is due and nothing is running.
         reap_interval: seconds between two reaps of expired leases (default:
             half the lease, at most 15 s).
-        prune_interval: seconds between two prune rounds; a round deletes
-            every finished job older than ``retention``, in batches.
+        prune_interval: seconds from the end of one prune round to the next
+            (+-10 %); a round deletes every finished job older than
+            ``retention``, in batches.
         retention: how long finished jobs are kept; None: this worker never
             prunes (prune with ``pgqueue prune`` instead).
         listen: use LISTEN/NOTIFY (False: poll only, e.g. behind PgBouncer in
@@ -521,15 +523,16 @@ class Worker(JobExecution):
                 self._log.warning("maintenance_failed", error=repr(exc))
 
     async def _pruner(self, older_than: float) -> None:
-        """Prune finished jobs soon after start, then every prune_interval.
+        """Prune finished jobs soon after start, then about every prune_interval.
 
         A task of its own: catching up on a long history must not hold back
-        the reaping of crashed workers' jobs.
+        the reaping of crashed workers' jobs. The waits are jittered so that
+        workers started together do not all look at once.
         """
-        await asyncio.sleep(self.reap_interval)
+        await asyncio.sleep(self.reap_interval * random.uniform(1.0, 2.0))
         while True:
             await self._prune(older_than)
-            await asyncio.sleep(self.prune_interval)
+            await asyncio.sleep(self.prune_interval * random.uniform(0.9, 1.1))
 
     async def _prune(self, older_than: float) -> int:
         """Delete the finished jobs older than ``older_than`` seconds.
@@ -537,23 +540,29 @@ class Worker(JobExecution):
         Batch after batch until one comes back short, so that pruning keeps up
         with any rate of completions: one batch of 10,000 per 5-minute round
         (before) fell behind above 33 jobs/s a worker, and the history grew
-        without bound. Between batches it waits as long as the last batch took,
-        so a long backlog leaves the server half its time (a batch takes ~25 ms,
-        migration 0010).
+        without bound. One worker of a schema prunes at a time (the others end
+        their round), and it waits between batches as long as the last one
+        took (at least 50 ms), so a long backlog leaves the server at least
+        half its time.
         """
         total = 0
+        lock = f"pgqueue prune {self.app.schema}"
         while not self._stopping:
             started = time.monotonic()
             try:
-                rows = await self._fetch(self._stmts.prune, [older_than, PRUNE_BATCH])
+                rows = await self._fetch(
+                    self._stmts.prune_alone, [lock, older_than, PRUNE_BATCH]
+                )
             except Exception as exc:
                 self._log.warning("prune_failed", error=repr(exc))
                 break
-            count = int(rows[0][0]) if rows else 0
+            count = rows[0][0] if rows else None
+            if count is None:  # another worker is pruning
+                break
             total += count
             if count < PRUNE_BATCH:
                 break
-            await asyncio.sleep(time.monotonic() - started)
+            await asyncio.sleep(max(time.monotonic() - started, 0.05))
         if total:
             self._log.info("jobs_pruned", count=total)
         return total

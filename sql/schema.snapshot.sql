@@ -1813,22 +1813,44 @@ comment on function "pgqueue".lease(text[], integer, text, double precision) is
 insert into "pgqueue".migrations (version, name) values (9, 'lease_by_priority_level');
 commit;
 
--- 0010_prune_by_id
+-- 0010_prune_oldest_first
 begin;
--- pgqueue 0010: prune deletes the jobs it picked by primary key, so a batch
--- costs the same whatever the size of the history.
+-- pgqueue 0010: prune reads only the jobs it deletes, so its cost no longer
+-- grows with the history it keeps.
 --
 -- Until now prune() deleted `where f.id in (select ... limit p_limit for update
 -- skip locked)`, which PostgreSQL planned as a hash semi join over a sequential
--- scan of all of finished_jobs: every batch of 10,000 read the whole table.
--- With 2,000,000 finished jobs (half past retention) a batch took 270-380 ms
+-- scan of all of finished_jobs: every batch read the whole table. With
+-- 2,000,000 finished jobs, half past retention, a batch of 10,000 took 270-380 ms
 -- (EXPLAIN: Seq Scan on finished_jobs f, 1,970,000 rows), and the time grows
--- with the history. Now the picked ids are an array, deleted through the
--- primary key, and the idempotency keys of the deleted jobs are found through
--- their job index: 40-53 ms a batch on the same table (2 cores, PostgreSQL 15,
--- with 485,000 idempotency keys). Same rows, same locking: the batch is still
--- chosen with FOR UPDATE SKIP LOCKED, so two workers pruning at once take
--- different jobs.
+-- with the history. The candidates' scan was no better: finished_at had only a
+-- BRIN index, whose ranges widen as pruned pages are reused and never narrow,
+-- so once the table had turned over it matched every range.
+--
+-- Now finished_at has a btree index, the batch is the oldest jobs in
+-- finished_at order (a range scan that stops at the cut-off), and the picked
+-- jobs are deleted through the primary key. With 2,000,000 finished jobs, the
+-- young half first in the heap and a quarter with idempotency keys (2 cores,
+-- PostgreSQL 15): a batch of 10,000 took 33-68 ms; a call that found nothing
+-- 0.43 ms after vacuum, 7.5-8.8 ms right after a million deletions, against
+-- 209-295 ms for the old function. The batch is still chosen with FOR UPDATE
+-- SKIP LOCKED, so two prunes at once take different jobs.
+--
+-- The index costs each completion one more index entry, always at the right
+-- end of the index (finished_at is the completion's now()): inserting 500
+-- history rows took 2.1-3.1 ms (median 2.3) with it against 1.9-2.0 (median
+-- 1.95) with the BRIN index it replaces (pgbench, 4 alternating runs each:
+-- ~0.8 us a row). Building it locks finished_jobs against completions for as
+-- long as the build takes (0.3 s per million finished jobs here); to avoid
+-- that on a large history,
+-- create it beforehand with the same name,
+--   create index concurrently finished_jobs_finished_idx
+--       on <schema>.finished_jobs (finished_at);
+-- and this migration keeps it.
+create index if not exists finished_jobs_finished_idx
+    on "pgqueue".finished_jobs (finished_at);
+drop index if exists "pgqueue".finished_jobs_finished_at_idx;
+
 create or replace function "pgqueue".prune(
     p_older_than interval default interval '7 days',
     p_limit      integer default 10000,
@@ -1850,7 +1872,7 @@ begin
                    select g.id from "pgqueue".finished_jobs g
                     where g.finished_at < now() - p_older_than
                       and g.state = any(p_states)
-                    order by g.id
+                    order by g.finished_at
                     limit p_limit
                       for update skip locked))
         returning f.id, f.queue, f.idempotency_key
@@ -1865,9 +1887,9 @@ begin
 end
 $$;
 comment on function "pgqueue".prune(interval, integer, "pgqueue".job_state[]) is
-    'Delete up to p_limit finished jobs older than p_older_than, with their '
-    'idempotency keys, by primary key. Returns how many were deleted.';
+    'Delete up to p_limit finished jobs older than p_older_than, oldest first, '
+    'with their idempotency keys. Returns how many were deleted.';
 
-insert into "pgqueue".migrations (version, name) values (10, 'prune_by_id');
+insert into "pgqueue".migrations (version, name) values (10, 'prune_oldest_first');
 commit;
 
