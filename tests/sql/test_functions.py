@@ -490,6 +490,32 @@ def test_reap_counts_an_attempt_and_ends_dead(conn: Conn) -> None:
     assert [e["kind"] for e in errors] == ["lease_expired", "lease_expired"]
 
 
+def test_reap_wakes_the_queues_it_requeued_into_without_reading_them(
+    conn: Conn, dsn: str
+) -> None:
+    # 20,000 due jobs in another queue. Before 0011 reap scanned them all to
+    # notify every queue with a due job (seq scan rows: 20,002), and woke
+    # "busy" but not "crashed", where the reaped job waits out its backoff.
+    conn.execute(
+        "insert into pgqueue.jobs (task, queue) select 't', 'busy'"
+        " from generate_series(1, 20000)"
+    )
+    doomed = enqueue(conn, queue="crashed", max_attempts=1)
+    requeued = enqueue(conn, queue="crashed")
+    conn.execute("analyze pgqueue.jobs")
+    lease(conn, 2, ["crashed"], secs=0.001)
+    conn.execute("select pg_sleep(0.01)")
+    seq_rows = "select pg_stat_get_xact_tuples_returned('pgqueue.jobs'::regclass)"
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue")
+        with conn.transaction():
+            before = one(conn, seq_rows)
+            reaped = conn.execute("select id, state::text from pgqueue.reap()")
+            assert sorted(reaped.fetchall()) == [(doomed, "dead"), (requeued, "queued")]
+            assert one(conn, seq_rows) - before == 0
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == ["crashed"]
+
+
 def test_reap_leaves_live_leases_alone(conn: Conn) -> None:
     job_id = enqueue(conn)
     lease(conn, secs=60)
