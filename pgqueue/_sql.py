@@ -113,7 +113,11 @@ _TEMPLATES: dict[str, LiteralString] = {
         "select id, queue, task, state::text, priority, attempts, run_at,"
         " created_at, finished_at from {schema}.jobs_overview"
         " where (%(queue)s::text is null or queue = %(queue)s)"
-        " and (%(state)s::text is null or state::text = %(state)s)"
+        # The state as the enum, not text: a constant the planner checks against
+        # each table's state constraint, so the table that cannot hold it is
+        # skipped (--state dead read all of jobs through its primary key).
+        " and (%(state)s::{schema}.job_state is null"
+        " or state = %(state)s::{schema}.job_state)"
         " and (%(task)s::text is null or task = %(task)s)"
         " order by id desc limit %(limit)s"
     ),

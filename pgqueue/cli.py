@@ -16,6 +16,7 @@ import typer
 from pgqueue import _sql, migrations
 from pgqueue.app import App, resolve_dsn
 from pgqueue.errors import ConfigurationError, PgqueueError, from_database
+from pgqueue.jobs import JobState
 
 MAX_HOURS = 24 * 365 * 100  # retention options: larger overflows a timedelta
 
@@ -338,6 +339,9 @@ def jobs(
     limit: Annotated[int, typer.Option(min=1)] = 50,
 ) -> None:
     """List recent jobs (filtered), or show one job with its errors."""
+    states = [s.value for s in JobState]
+    if state is not None and state not in states:
+        _fail(f"unknown state {state!r}: use one of {', '.join(states)}")
     stmts = _sql.statements(_settings.schema)
     with _connect() as conn:
         if job_id is not None:

@@ -306,6 +306,7 @@ def test_a_queue_can_discard_succeeded_jobs(
         (["--dsn", "nonsense", "stats"], "invalid connection string"),
         (["--dsn", "nonsense", "worker", QUICKSTART], "nonsense"),
         (["enqueue", "t", "--priority", "40000"], "out of range"),
+        (["jobs", "--state", "scheduled"], "unknown state 'scheduled'"),
         (
             ["enqueue", "t", "--delay", "5", "--run-at", "2030-01-01T00:00:00+00:00"],
             "not both",
