@@ -82,9 +82,10 @@ _TEMPLATES: dict[str, LiteralString] = {
     # The worker's: one prune at a time across the workers of a schema (the
     # first parameter names the lock); NULL when another holds it. Side by side,
     # four pruners on 2 cores were no faster in all than one, and each batch
-    # took 4-5x as long.
+    # took 4-5x as long. The two-key form keeps the lock out of the one-key
+    # space that migrate and applications lock in.
     "prune_alone": (
-        "select case when pg_try_advisory_xact_lock(hashtext(%s))"
+        "select case when pg_try_advisory_xact_lock(1885827445, hashtext(%s))"
         " then {schema}.prune(make_interval(secs => %s), %s) end"
     ),
     "cancel": "select {schema}.cancel(%s)",

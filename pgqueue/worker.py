@@ -557,7 +557,8 @@ class Worker(JobExecution):
                 self._log.warning("prune_failed", error=repr(exc))
                 break
             count = rows[0][0] if rows else None
-            if count is None:  # another worker is pruning
+            if count is None:
+                self._log.debug("prune_skipped", reason="another worker is pruning")
                 break
             total += count
             if count < PRUNE_BATCH:

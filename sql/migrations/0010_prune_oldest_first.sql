@@ -24,12 +24,25 @@
 -- history rows took 2.1-3.1 ms (median 2.3) with it against 1.9-2.0 (median
 -- 1.95) with the BRIN index it replaces (pgbench, 4 alternating runs each:
 -- ~0.8 us a row). Building it locks finished_jobs against completions for as
--- long as the build takes (0.3 s per million finished jobs here); to avoid
--- that on a large history,
--- create it beforehand with the same name,
+-- long as the build takes (0.3 s per million finished jobs here), and dropping
+-- the BRIN index locks the table briefly against everything. On a large
+-- history, do both beforehand without blocking,
 --   create index concurrently finished_jobs_finished_idx
 --       on <schema>.finished_jobs (finished_at);
--- and this migration keeps it.
+--   drop index concurrently if exists <schema>.finished_jobs_finished_at_idx;
+-- and this migration keeps them as they are. An index of that name left
+-- invalid by a failed concurrent build stops the migration with an error.
+do $$
+begin
+    if exists (select from pg_index
+                where indexrelid = to_regclass(
+                          ':pgqueue_schema.finished_jobs_finished_idx')
+                  and not indisvalid) then
+        raise exception 'finished_jobs_finished_idx is invalid (a failed '
+                        'concurrent build?): drop it and migrate again';
+    end if;
+end
+$$;
 create index if not exists finished_jobs_finished_idx
     on :pgqueue_schema.finished_jobs (finished_at);
 drop index if exists :pgqueue_schema.finished_jobs_finished_at_idx;

@@ -700,7 +700,7 @@ def test_the_workers_prune_one_at_a_time(conn: Conn, dsn: str) -> None:
     prune = _sql.statements("pgqueue").prune_alone
     key = "pgqueue prune pgqueue"
     with psycopg.connect(dsn) as other:  # a worker mid-batch holds the lock
-        other.execute("select pg_advisory_xact_lock(hashtext(%s))", [key])
+        other.execute("select pg_advisory_xact_lock(1885827445, hashtext(%s))", [key])
         assert one(conn, prune, [key, 86400, 50]) is None
         assert one(conn, "select count(*) from pgqueue.finished_jobs") == 100
     assert one(conn, prune, [key, 86400, 50]) == 50

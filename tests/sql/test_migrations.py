@@ -70,3 +70,40 @@ def test_out_of_date_schema_is_reported(
 ) -> None:
     with pytest.raises(SchemaOutOfDate, match="pgqueue migrate"):
         migrations.check_up_to_date(conn, other_schema)
+
+
+def test_0010_keeps_an_index_built_beforehand_and_refuses_an_invalid_one(
+    conn: psycopg.Connection[Any], other_schema: str
+) -> None:
+    """0010's header tells a DBA to build its index concurrently first."""
+    migrations.migrate(conn, other_schema, target=9)
+    conn.execute(
+        "insert into tenant_b.finished_jobs (id, queue, task, args, priority, state,"
+        " attempts, max_attempts, created_at) select g, 'q', 't', '{}', 0,"
+        " 'succeeded', 0, 1, now() from generate_series(1, 2) g"
+    )
+    # A failed concurrent build leaves an invalid index behind.
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(
+            "create unique index concurrently finished_jobs_finished_idx"
+            " on tenant_b.finished_jobs (queue)"
+        )
+    with pytest.raises(psycopg.Error, match="finished_jobs_finished_idx is invalid"):
+        migrations.migrate(conn, other_schema)
+    assert migrations.current_version(conn, other_schema) == 9
+    conn.execute("drop index tenant_b.finished_jobs_finished_idx")
+    conn.execute(
+        "create index concurrently finished_jobs_finished_idx"
+        " on tenant_b.finished_jobs (finished_at desc)"  # the DBA's own, kept
+    )
+    migrations.migrate(conn, other_schema)
+    indexes = conn.execute(
+        "select indexname, indexdef from pg_indexes where schemaname = 'tenant_b'"
+        " and tablename = 'finished_jobs' order by 1"
+    ).fetchall()
+    assert [name for name, _ in indexes] == [
+        "finished_jobs_dead_idx",
+        "finished_jobs_finished_idx",
+        "finished_jobs_pkey",
+    ]
+    assert "finished_at DESC" in dict(indexes)["finished_jobs_finished_idx"]
