@@ -534,7 +534,7 @@ class Worker(JobExecution):
             await self._prune(older_than)
             await asyncio.sleep(self.prune_interval * random.uniform(0.9, 1.1))
 
-    async def _prune(self, older_than: float) -> int:
+    async def _prune(self, older_than: float) -> None:
         """Delete the finished jobs older than ``older_than`` seconds.
 
         Batch after batch until one comes back short, so that pruning keeps up
@@ -566,7 +566,6 @@ class Worker(JobExecution):
             await asyncio.sleep(max(time.monotonic() - started, 0.05))
         if total:
             self._log.info("jobs_pruned", count=total)
-        return total
 
     # -- shutdown -----------------------------------------------------------------
 
