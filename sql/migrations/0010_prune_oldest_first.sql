@@ -59,7 +59,7 @@ declare
     v_count integer;
 begin
     if p_limit < 0 then
-        raise exception 'prune: the limit must not be negative (got %)', p_limit
+        raise exception 'prune limit must not be negative, got %', p_limit
             using errcode = '2201W';
     end if;
     with gone as (

@@ -6,7 +6,8 @@ import json
 import random
 import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from pgqueue import _sql
 
 Conn = psycopg.Connection[Any]
+T = TypeVar("T")
 
 
 def one(conn: Conn, query: str, params: Any = None) -> Any:
@@ -92,13 +94,32 @@ def test_lease_skips_jobs_scheduled_later(conn: Conn) -> None:
     assert 3500 < seconds <= 3600
 
 
+def _reading(conn: Conn, relation: str, call: Callable[[], T]) -> tuple[T, int, int]:
+    """Run ``call`` in a transaction: its result, and the rows of ``relation``
+    read by sequential scan and the blocks of it fetched meanwhile."""
+    stats = (
+        "select pg_stat_get_xact_tuples_returned(%s::regclass),"
+        " pg_stat_get_xact_blocks_fetched(%s::regclass)"
+    )
+    with conn.transaction():
+        scanned, fetched = conn.execute(stats, [relation, relation]).fetchone() or (
+            0,
+            0,
+        )
+        result = call()
+        scanned2, fetched2 = conn.execute(stats, [relation, relation]).fetchone() or (
+            0,
+            0,
+        )
+    return result, scanned2 - scanned, fetched2 - fetched
+
+
 def _lease_reading(conn: Conn, n: int, relation: str) -> tuple[list[int], int]:
     """Lease n from 'default': the ids, and the blocks of ``relation`` it read."""
-    fetched = "select pg_stat_get_xact_blocks_fetched(%s::regclass)"
-    with conn.transaction():
-        before = one(conn, fetched, [relation])
-        leased = [r[0] for r in lease(conn, n)]
-        return leased, one(conn, fetched, [relation]) - before
+    leased, _, fetched = _reading(
+        conn, relation, lambda: [r[0] for r in lease(conn, n)]
+    )
+    return leased, fetched
 
 
 def test_jobs_scheduled_later_at_a_higher_priority_cost_a_lease_nothing(
@@ -505,14 +526,17 @@ def test_reap_wakes_the_queues_it_requeued_into_without_reading_them(
     conn.execute("analyze pgqueue.jobs")
     lease(conn, 2, ["crashed"], secs=0.001)
     conn.execute("select pg_sleep(0.01)")
-    seq_rows = "select pg_stat_get_xact_tuples_returned('pgqueue.jobs'::regclass)"
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("listen pgqueue")
-        with conn.transaction():
-            before = one(conn, seq_rows)
-            reaped = conn.execute("select id, state::text from pgqueue.reap()")
-            assert sorted(reaped.fetchall()) == [(doomed, "dead"), (requeued, "queued")]
-            assert one(conn, seq_rows) - before == 0
+        reaped, scanned, _ = _reading(
+            conn,
+            "pgqueue.jobs",
+            lambda: conn.execute(
+                "select id, state::text from pgqueue.reap()"
+            ).fetchall(),
+        )
+        assert sorted(reaped) == [(doomed, "dead"), (requeued, "queued")]
+        assert scanned == 0
         assert [n.payload for n in listener.notifies(timeout=0.5)] == ["crashed"]
 
 
@@ -657,15 +681,11 @@ def test_prune_reads_only_what_it_deletes(conn: Conn) -> None:
 
     def prune_reading(n: int) -> tuple[int, int, int]:
         """Prune n: the count, rows read by sequential scan, heap fetches."""
-        stats = (
-            "select pg_stat_get_xact_tuples_returned('pgqueue.finished_jobs'::regclass),"
-            " pg_stat_get_xact_blocks_fetched('pgqueue.finished_jobs'::regclass)"
+        return _reading(
+            conn,
+            "pgqueue.finished_jobs",
+            lambda: int(one(conn, "select pgqueue.prune(interval '7 days', %s)", [n])),
         )
-        with conn.transaction():
-            scanned, fetched = conn.execute(stats).fetchone() or (0, 0)
-            count = one(conn, "select pgqueue.prune(interval '7 days', %s)", [n])
-            scanned2, fetched2 = conn.execute(stats).fetchone() or (0, 0)
-        return count, scanned2 - scanned, fetched2 - fetched
 
     count, scanned, _ = prune_reading(1000)
     assert count == 1000
