@@ -761,22 +761,67 @@ def test_enqueue_many_rejects_arrays_of_different_lengths(conn: Conn) -> None:
     assert info.value.sqlstate == "PQ001"
 
 
-@pytest.mark.parametrize(
-    ("column", "value", "constraint"),
-    [
-        ("queue", "bad queue", "jobs_queue_name"),
-        ("queue", "", "jobs_queue_name"),
-        ("task", "1starts-with-digit", "jobs_task_name"),
-        ("task", "x" * 201, "jobs_task_name"),
-    ],
-)
-def test_check_constraints_guard_sql_callers(
-    conn: Conn, column: str, value: str, constraint: str
+# enqueue and enqueue_many check their input themselves (0012) and raise as the
+# table's CHECK constraints did: check_violation under the constraint's name.
+BAD_INPUT = [
+    ("queue", "bad queue", "jobs_queue_name"),
+    ("queue", "", "jobs_queue_name"),
+    ("queue", ".starts-with-dot", "jobs_queue_name"),
+    ("queue", "q" * 129, "jobs_queue_name"),
+    ("task", "1starts-with-digit", "jobs_task_name"),
+    ("task", "x" * 201, "jobs_task_name"),
+    ("max_attempts", 0, "jobs_attempts"),
+    ("max_attempts", 1001, "jobs_attempts"),
+    ("key", "", "jobs_idempotency_key"),
+]
+
+
+@pytest.mark.parametrize(("column", "value", "constraint"), BAD_INPUT)
+def test_enqueue_checks_sql_callers_input(
+    conn: Conn, column: str, value: Any, constraint: str
 ) -> None:
-    args = {"task": "t", "queue": "default", column: value}
+    args = {"task": "t", "queue": "default", "max_attempts": 25, "key": None}
+    args[column] = value
     with pytest.raises(psycopg.errors.CheckViolation) as info:
-        conn.execute("select pgqueue.enqueue(%(task)s, '{}', %(queue)s)", args)
+        conn.execute(
+            "select pgqueue.enqueue(%(task)s, '{}', %(queue)s, 0, null,"
+            " %(max_attempts)s, %(key)s)",
+            args,
+        )
     assert info.value.diag.constraint_name == constraint
+    if column in ("queue", "task"):
+        assert repr(value)[1:-1][:20] in (info.value.diag.message_primary or "")
+
+
+@pytest.mark.parametrize(("column", "value", "constraint"), BAD_INPUT)
+def test_enqueue_many_checks_every_job_and_inserts_none(
+    conn: Conn, column: str, value: Any, constraint: str
+) -> None:
+    rows = [
+        {"task": "t", "queue": "default", "max_attempts": 25, "key": f"k{i}"}
+        for i in range(3)
+    ]
+    rows[2][column] = value  # only the last job is bad
+    with pytest.raises(psycopg.errors.CheckViolation) as info:
+        conn.execute(
+            "select * from pgqueue.enqueue_many(%s, array_fill('{}'::jsonb,"
+            " array[3]), %s, null, null, %s, %s)",
+            [[r[c] for r in rows] for c in ("task", "queue", "max_attempts", "key")],
+        )
+    assert info.value.diag.constraint_name == constraint
+    assert one(conn, "select count(*) from pgqueue.jobs") == 0
+
+
+def test_enqueue_many_takes_null_queue_and_attempts_as_defaults(conn: Conn) -> None:
+    conn.execute(
+        "select * from pgqueue.enqueue_many(array['t', 't'],"
+        " array_fill('{}'::jsonb, array[2]), array[null, 'q1'], null, null,"
+        " array[null, 3]::int[])"
+    )
+    rows = conn.execute(
+        "select queue, max_attempts from pgqueue.jobs order by id"
+    ).fetchall()
+    assert rows == [("default", 25), ("q1", 3)]
 
 
 def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> None:
