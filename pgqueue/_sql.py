@@ -88,6 +88,9 @@ _TEMPLATES: dict[str, LiteralString] = {
         "select case when pg_try_advisory_xact_lock(1885827445, hashtext(%s))"
         " then {schema}.prune(make_interval(secs => %s), %s) end"
     ),
+    # `pgqueue prune`'s: waits for the same lock (a worker's batch in progress),
+    # then holds it for its own batch, so the workers skip their rounds meanwhile.
+    "prune_lock": "select pg_advisory_xact_lock(1885827445, hashtext(%s))",
     "cancel": "select {schema}.cancel(%s)",
     "configure_queue": "select {schema}.configure_queue(%s, %s)",
     "pause_queue": "select {schema}.pause_queue(%s)",
@@ -125,6 +128,11 @@ _TEMPLATES: dict[str, LiteralString] = {
 }
 
 
+def prune_lock_name(schema: str) -> str:
+    """The name of the lock that lets one pruner of ``schema`` run at a time."""
+    return f"pgqueue prune {schema}"
+
+
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The statements above with the schema filled in (as ready-to-send text)."""
@@ -148,6 +156,7 @@ class Statements:
     unregister_worker: str
     prune: str
     prune_alone: str
+    prune_lock: str
     cancel: str
     configure_queue: str
     pause_queue: str

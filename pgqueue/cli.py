@@ -482,12 +482,16 @@ def prune(
     from pgqueue.worker import PRUNE_BATCH
 
     seconds = timedelta(hours=older_than).total_seconds()
+    stmts = _sql.statements(_settings.schema)
+    lock = _sql.prune_lock_name(_settings.schema)
     total = 0
     with _connect() as conn:
         while True:
-            count = _fetch(
-                conn, _sql.statements(_settings.schema).prune, [seconds, PRUNE_BATCH]
-            )[0][0]
+            # One pruner at a time, as among workers: wait for a worker's batch
+            # to end, then hold the lock for this batch.
+            with conn.transaction():
+                _fetch(conn, stmts.prune_lock, [lock])
+                count = _fetch(conn, stmts.prune, [seconds, PRUNE_BATCH])[0][0]
             total += count
             if count < PRUNE_BATCH:
                 break

@@ -546,7 +546,7 @@ class Worker(JobExecution):
         half its time.
         """
         total = 0
-        lock = f"pgqueue prune {self.app.schema}"
+        lock = _sql.prune_lock_name(self.app.schema)
         while not self._stopping:
             started = time.monotonic()
             try:

@@ -15,9 +15,18 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgqueue import migrations
+from pgqueue import _sql, migrations
 
-from .helpers import BUSINESS_TABLE, cli, env_for, events, job_row, write_app
+from ..waiting import wait_until
+from .helpers import (
+    BUSINESS_TABLE,
+    PGQUEUE,
+    cli,
+    env_for,
+    events,
+    job_row,
+    write_app,
+)
 
 Conn = psycopg.Connection[Any]
 
@@ -146,6 +155,42 @@ def test_schema_option_keeps_a_separate_queue(
     assert business.execute("select job_id, n from business").fetchall() == [(job, 5)]
     shown = json.loads(cli(dsn, "--schema", "other", "jobs", str(job)).stdout)
     assert shown["state"] == "succeeded" and shown["result"] == {"n": 5}
+
+
+def test_prune_waits_for_a_pruning_worker_then_prunes(dsn: str, conn: Conn) -> None:
+    """`pgqueue prune` takes the workers' prune lock: it waits while a worker's
+    batch holds it, and prunes once it is free."""
+    conn.execute(
+        "insert into pgqueue.finished_jobs (id, queue, task, args, priority, state,"
+        " attempts, max_attempts, created_at, finished_at)"
+        " select i, 'q', 't', '{}', 0, 'succeeded', 0, 1, now(),"
+        " now() - interval '30 days' from generate_series(1, 30) i"
+    )
+    lock = _sql.prune_lock_name("pgqueue")
+    with psycopg.connect(dsn) as worker:  # a worker mid-batch: lock held
+        worker.execute(_sql.statements("pgqueue").prune_lock, [lock])
+        proc = subprocess.Popen(
+            [PGQUEUE, "prune"], env=env_for(dsn), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "select count(*) from pg_locks"
+                        " where locktype = 'advisory' and not granted"
+                    ).fetchone()
+                    == (1,)
+                )
+            )
+            assert proc.poll() is None
+            assert conn.execute(
+                "select count(*) from pgqueue.finished_jobs"
+            ).fetchone() == (30,)
+        finally:
+            worker.rollback()  # the worker's batch ends
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.strip() == "pruned 30 finished jobs"
 
 
 # -- managing jobs --------------------------------------------------------------
