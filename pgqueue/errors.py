@@ -100,7 +100,9 @@ _BY_SQLSTATE: dict[str, type[PgqueueError]] = {
     "PQ004": LeaseLost,
 }
 
-# CHECK constraints of pgqueue.jobs that guard enqueue input (sql/migrations/0001).
+# The rules on enqueue input, by the name of the CHECK constraint that raised it
+# (0001); since 0012 enqueue and enqueue_many raise all but jobs_attempts
+# themselves, under the same names.
 _CHECKS = {
     "jobs_queue_name": "invalid queue name",
     "jobs_task_name": "invalid task name",

@@ -44,7 +44,7 @@ class Options:
 
 def check_queue(queue: object) -> str:
     """Return ``queue`` if it is a valid queue name, else raise InvalidJob."""
-    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         raise errors.InvalidJob(
             f"invalid queue name {queue!r}: 1-128 characters of letters, digits "
             "and _ . : / -, not starting with a punctuation mark"
@@ -54,7 +54,7 @@ def check_queue(queue: object) -> str:
 
 def check_task_name(task: object) -> str:
     """Return ``task`` if it is a valid task name, else raise InvalidJob."""
-    if not isinstance(task, str) or not TASK_NAME.match(task):
+    if not isinstance(task, str) or not TASK_NAME.fullmatch(task):
         raise errors.InvalidJob(
             f"invalid task name {task!r}: 1-200 characters of letters, digits "
             "and _ . : / -, starting with a letter or _"

@@ -170,7 +170,7 @@ def make_task(
 ) -> Task:
     """Build a task, checking its name and options before anything runs."""
     task_name = name or func.__name__
-    if not TASK_NAME.match(task_name):
+    if not TASK_NAME.fullmatch(task_name):
         raise ConfigurationError(f"invalid task name {task_name!r}")
     if timeout is not None and timeout <= 0:
         raise ConfigurationError("timeout must be a positive number of seconds")

@@ -1,5 +1,5 @@
--- pgqueue 0012: enqueue checks its input itself, and the hot table keeps only
--- the checks that guard pgqueue's own transitions.
+-- pgqueue 0012: enqueue checks the names and keys it is given itself, so that
+-- an INSERT into the hot table no longer pays for those checks.
 --
 -- PostgreSQL prepares a table's CHECK constraints again for every statement
 -- that writes to it: it reads each one back from its stored node text
@@ -10,29 +10,47 @@
 -- Every single enqueue paid it, and each lease, heartbeat and failure paid it
 -- once per statement.
 --
--- The four checks on the caller's input (queue and task names, max_attempts,
--- the idempotency key) move into enqueue and enqueue_many, which raise the
+-- The three checks on names and keys (jobs_queue_name, jobs_task_name,
+-- jobs_idempotency_key) move into enqueue and enqueue_many, which raise the
 -- same error as before: SQLSTATE 23514 (check_violation) under the old
--- constraint's name, now with the offending value in the message. The Python
--- producer checks the same rules before it sends anything, the COPY path
--- included. The two checks on the job's state (jobs_state_live, jobs_lease)
--- stay: they guard pgqueue's own transitions, and the planner uses the first
--- to skip jobs when a query asks for a final state.
+-- constraint's name, now with the offending value in the message, in the
+-- order the table reported them (PQ001 for priority and an overlong key first,
+-- then the constraints by name). The Python producer checks the same rules
+-- before it sends anything, the COPY path included. jobs_attempts stays: it
+-- bounds max_attempts, which guarantee 4 (every failure path ends) rests on,
+-- whoever writes the row. So do the two checks on the job's state
+-- (jobs_state_live, jobs_lease): they guard pgqueue's own transitions, and the
+-- planner uses the first to skip jobs when a query asks for a final state.
 --
 -- What is given up: a role that INSERTs into jobs directly, bypassing the
 -- functions (producers hold INSERT for COPY), is no longer stopped by the
--- table. The table was never an interface (README, "Roles").
+-- table from storing a queue or task name that no worker would take. The
+-- table was never an interface (README, "Roles"). And a call with an
+-- idempotency key that already exists now fails on a bad name or max_attempts
+-- too, where it used to return the existing job's id without looking.
+--
+-- Dropping the constraints takes jobs' ACCESS EXCLUSIVE lock for an instant,
+-- but the wait for it queues every lease and enqueue behind it: the wait is
+-- capped at 5 s (lock_timeout). If it times out, nothing has changed; run
+-- `pgqueue migrate` again when no long transaction holds jobs.
 --
 -- Measured on 2 cores, PostgreSQL 15, pgbench -M prepared, one client, one
--- enqueue per transaction, 4 s runs interleaved, 3 rounds (tps):
---   INSERT into a table shaped like jobs, no checks        5,645-5,886
---   INSERT into jobs as it was (six checks)                4,562-4,808
---   INSERT into jobs with the two state checks only        5,191-5,592
--- One INSERT of 50,000 rows: 221 ms with the six, 185 ms with two.
+-- statement per transaction, 3 s runs interleaved, 4 rounds (tps):
+--   INSERT into the raw-SQL ceiling's 5-column table            5,358-5,844
+--   INSERT into a table shaped like jobs, no checks              5,155-5,502
+--   INSERT into jobs as it was (six checks)                      4,367-4,712
+--   INSERT into jobs with the three kept                         4,788-5,062
+--   enqueue(): 0011                                              3,193-3,691
+--              0012                                              3,395-4,086
+-- One INSERT of 50,000 rows: 221-226 ms with the six, 185-196 ms with three.
+-- Each check costs 2-4 us a statement.
 
 -- Names follow the Python producer's rules (producer.QUEUE_NAME, TASK_NAME).
 -- Written as * and length() rather than a bounded repetition, which is slower
--- (see 0001).
+-- (see 0001), and compared under the "C" collation: a caller's argument may
+-- carry a nondeterministic collation, under which PostgreSQL refuses regular
+-- expressions. The table's name is in each error, as it was in the
+-- constraint's (:pgqueue_channel is the schema's name as a literal).
 create or replace function :pgqueue_schema.enqueue(
     p_task            text,
     p_args            jsonb default '{}',
@@ -53,22 +71,35 @@ begin
         raise exception 'priority must be between -32768 and 32767, got %', p_priority
               using errcode = 'PQ001';
     end if;
-    if p_queue !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' or length(p_queue) > 128 then
-        raise exception 'invalid queue name %: 1-128 characters of letters, digits '
-                        'and _ . : / -, not starting with a punctuation mark',
-                        quote_literal(p_queue)
-              using errcode = 'check_violation', constraint = 'jobs_queue_name';
-    end if;
-    if p_task !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' or length(p_task) > 200 then
-        raise exception 'invalid task name %: 1-200 characters of letters, digits '
-                        'and _ . : / -, starting with a letter or _',
-                        quote_literal(p_task)
-              using errcode = 'check_violation', constraint = 'jobs_task_name';
+    if length(p_idempotency_key) > 255 then
+        raise exception 'idempotency key longer than 255 characters'
+              using errcode = 'PQ001';
     end if;
     if p_max_attempts not between 1 and 1000 then
         raise exception 'max_attempts must be between 1 and 1000, got %',
                         p_max_attempts
-              using errcode = 'check_violation', constraint = 'jobs_attempts';
+              using errcode = 'check_violation', constraint = 'jobs_attempts',
+                    table = 'jobs', schema = :pgqueue_channel;
+    end if;
+    if p_idempotency_key = '' then
+        raise exception 'idempotency key must not be empty'
+              using errcode = 'check_violation', constraint = 'jobs_idempotency_key',
+                    table = 'jobs', schema = :pgqueue_channel;
+    end if;
+    if p_queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
+       or length(p_queue) > 128 then
+        raise exception 'invalid queue name %: 1-128 characters of letters, digits '
+                        'and _ . : / -, not starting with a punctuation mark',
+                        quote_literal(p_queue)
+              using errcode = 'check_violation', constraint = 'jobs_queue_name',
+                    table = 'jobs', schema = :pgqueue_channel;
+    end if;
+    if p_task collate "C" !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' or length(p_task) > 200 then
+        raise exception 'invalid task name %: 1-200 characters of letters, digits '
+                        'and _ . : / -, starting with a letter or _',
+                        quote_literal(p_task)
+              using errcode = 'check_violation', constraint = 'jobs_task_name',
+                    table = 'jobs', schema = :pgqueue_channel;
     end if;
     if p_idempotency_key is null then
         -- The queue's notify setting is read by the INSERT itself: one statement
@@ -80,15 +111,6 @@ begin
                                where s.name = p_queue and not s.notify)
              into v_id, v_quiet;
     else
-        if length(p_idempotency_key) > 255 then
-            raise exception 'idempotency key longer than 255 characters'
-                  using errcode = 'PQ001';
-        end if;
-        if p_idempotency_key = '' then
-            raise exception 'idempotency key must not be empty'
-                  using errcode = 'check_violation',
-                        constraint = 'jobs_idempotency_key';
-        end if;
         loop
             v_id := nextval(':pgqueue_schema.jobs_id_seq');
             insert into :pgqueue_schema.idempotency_keys (queue, key, job_id)
@@ -121,8 +143,10 @@ end
 $$;
 
 -- _check_jobs: enqueue_many's input checks, one pass over the arrays. Raises
--- as enqueue does for the first job that breaks a rule; a null queue is the
--- default queue, and a null max_attempts the default 25.
+-- as enqueue does, and as the table did: a priority out of range or an
+-- overlong key in any job first (PQ001), else the first bad job's first rule
+-- by constraint name. A null queue is the default queue, a null max_attempts
+-- the default 25.
 create function :pgqueue_schema._check_jobs(
     p_tasks        text[],
     p_queues       text[],
@@ -143,12 +167,16 @@ begin
     select t.task, t.queue, t.priority, t.max_attempts, t.key
       into v_task, v_queue, v_priority, v_attempts, v_key
       from unnest(p_tasks, p_queues, p_priorities, p_max_attempts, p_keys)
-           as t(task, queue, priority, max_attempts, key)
-     where t.task !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' or length(t.task) > 200
-        or t.queue !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' or length(t.queue) > 128
-        or t.priority not between -32768 and 32767
-        or t.max_attempts not between 1 and 1000
+           with ordinality as t(task, queue, priority, max_attempts, key, ord)
+     where t.priority not between -32768 and 32767
         or length(t.key) not between 1 and 255
+        or t.max_attempts not between 1 and 1000
+        or t.queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
+        or length(t.queue) > 128
+        or t.task collate "C" !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$'
+        or length(t.task) > 200
+     order by coalesce(t.priority not between -32768 and 32767, false) desc,
+              coalesce(length(t.key) > 255, false) desc, t.ord
      limit 1;
     if not found then
         return;
@@ -159,25 +187,33 @@ begin
     elsif length(v_key) > 255 then
         raise exception 'idempotency key longer than 255 characters'
               using errcode = 'PQ001';
+    elsif v_attempts not between 1 and 1000 then
+        raise exception 'max_attempts must be between 1 and 1000, got %', v_attempts
+              using errcode = 'check_violation', constraint = 'jobs_attempts',
+                    table = 'jobs', schema = :pgqueue_channel;
     elsif v_key = '' then
         raise exception 'idempotency key must not be empty'
-              using errcode = 'check_violation', constraint = 'jobs_idempotency_key';
-    elsif v_queue !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$' or length(v_queue) > 128 then
+              using errcode = 'check_violation', constraint = 'jobs_idempotency_key',
+                    table = 'jobs', schema = :pgqueue_channel;
+    elsif v_queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
+          or length(v_queue) > 128 then
         raise exception 'invalid queue name %: 1-128 characters of letters, digits '
                         'and _ . : / -, not starting with a punctuation mark',
                         quote_literal(v_queue)
-              using errcode = 'check_violation', constraint = 'jobs_queue_name';
-    elsif v_task !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' or length(v_task) > 200 then
+              using errcode = 'check_violation', constraint = 'jobs_queue_name',
+                    table = 'jobs', schema = :pgqueue_channel;
+    else
         raise exception 'invalid task name %: 1-200 characters of letters, digits '
                         'and _ . : / -, starting with a letter or _',
                         quote_literal(v_task)
-              using errcode = 'check_violation', constraint = 'jobs_task_name';
-    else
-        raise exception 'max_attempts must be between 1 and 1000, got %', v_attempts
-              using errcode = 'check_violation', constraint = 'jobs_attempts';
+              using errcode = 'check_violation', constraint = 'jobs_task_name',
+                    table = 'jobs', schema = :pgqueue_channel;
     end if;
 end
 $$;
+comment on function :pgqueue_schema._check_jobs(
+    text[], text[], integer[], integer[], text[]) is
+    'Internal: enqueue_many''s input checks; raises for the first bad job.';
 revoke execute on function :pgqueue_schema._check_jobs(
     text[], text[], integer[], integer[], text[]) from public;
 
@@ -284,8 +320,8 @@ begin
 end
 $$;
 
+set local lock_timeout = '5s';
 alter table :pgqueue_schema.jobs
     drop constraint jobs_queue_name,
     drop constraint jobs_task_name,
-    drop constraint jobs_attempts,
     drop constraint jobs_idempotency_key;

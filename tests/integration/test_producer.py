@@ -179,7 +179,11 @@ BAD_INPUT = [
     ({"queue": "no spaces"}, InvalidJob, "invalid queue name"),
     ({"queue": ""}, InvalidJob, "invalid queue name"),
     ({"queue": "q" * 129}, InvalidJob, "invalid queue name"),
+    # A trailing newline once passed the check ($ matches before it) and broke
+    # the COPY path's row format instead.
+    ({"queue": "q\n"}, InvalidJob, "invalid queue name"),
     ({"task": "drop table; --"}, InvalidJob, "invalid task name"),
+    ({"task": "t\n"}, InvalidJob, "invalid task name"),
     ({"priority": 40000}, InvalidJob, "out of range"),
     ({"priority": 1.5}, InvalidJob, "must be an int"),
     ({"max_attempts": 0}, InvalidJob, "out of range"),

@@ -89,6 +89,7 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             "select priv.configure_queue('default', false)",
             "select priv.pause_queue('default')",
             "select priv.set_queue_notify('default', false)",
+            "select priv._check_jobs(array['t'], null, null, null, null)",
             "create table priv.sneaky (x int)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

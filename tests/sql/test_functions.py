@@ -809,7 +809,62 @@ def test_enqueue_many_checks_every_job_and_inserts_none(
             [[r[c] for r in rows] for c in ("task", "queue", "max_attempts", "key")],
         )
     assert info.value.diag.constraint_name == constraint
-    assert one(conn, "select count(*) from pgqueue.jobs") == 0
+
+
+def test_enqueue_reports_the_rule_the_table_reported_first(conn: Conn) -> None:
+    """Several faults at once: the error 0011's table and checks gave (PQ001
+    first, then the constraints by name), from both functions."""
+    with pytest.raises(psycopg.errors.CheckViolation) as info:
+        conn.execute("select pgqueue.enqueue('1bad', '{}', 'bad queue', 0, null, 0)")
+    assert info.value.diag.constraint_name == "jobs_attempts"
+    with pytest.raises(psycopg.Error) as error:
+        conn.execute(
+            "select pgqueue.enqueue('t', '{}', 'bad queue', 0, null, 25, %s)",
+            ["k" * 256],
+        )
+    assert error.value.sqlstate == "PQ001"
+    with pytest.raises(psycopg.Error) as error:  # the priority of a later job
+        conn.execute(
+            "select * from pgqueue.enqueue_many(array['t', 't'],"
+            " array_fill('{}'::jsonb, array[2]), array['bad queue', 'q'],"
+            " array[0, 40000])"
+        )
+    assert error.value.sqlstate == "PQ001"
+
+
+def test_enqueue_takes_names_under_any_collation(conn: Conn) -> None:
+    """An argument with a nondeterministic collation (the caller's column) is
+    checked like any other: PostgreSQL refuses regular expressions under it."""
+    try:
+        conn.execute(
+            "create collation ci (provider = icu, locale = 'und-u-ks-level2',"
+            " deterministic = false)"
+        )
+    except psycopg.errors.FeatureNotSupported:
+        pytest.skip("this PostgreSQL is built without ICU (the embedded one is)")
+    conn.execute("create table origin (region text collate ci)")
+    conn.execute("insert into origin values ('emails')")
+    conn.execute("select pgqueue.enqueue('t', '{}', region) from origin")
+    conn.execute(
+        "select pgqueue.enqueue_many(array['t'], array['{}'::jsonb],"
+        " array[region]) from origin"
+    )
+    assert one(conn, "select count(*) from pgqueue.jobs where queue = 'emails'") == 2
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("select pgqueue.enqueue('t', '{}', region || ' x') from origin")
+
+
+def test_enqueue_with_a_key_notifies_once_and_an_existing_key_not(
+    conn: Conn, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue")
+        first = enqueue(conn, key="k")
+        assert [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)] == [
+            "default"
+        ]
+        assert enqueue(conn, key="k") == first
+        assert list(listener.notifies(timeout=0.3)) == []
 
 
 def test_enqueue_many_takes_null_queue_and_attempts_as_defaults(conn: Conn) -> None:
