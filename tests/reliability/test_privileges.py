@@ -90,6 +90,10 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             "select priv.pause_queue('default')",
             "select priv.set_queue_notify('default', false)",
             "select priv._check_jobs(array['t'], null, null, null, null)",
+            # COPY's columns only: a producer cannot forge a running job (0013).
+            "insert into priv.jobs (queue, task, state, lease_token)"
+            " values ('default', 't', 'running', gen_random_uuid())",
+            "insert into priv.jobs (queue, task, attempts) values ('default', 't', 3)",
             "create table priv.sneaky (x int)",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -176,6 +180,13 @@ def test_roles_granted_before_an_upgrade_keep_their_rights(
         for query in QUEUE_SETTINGS:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 producer.execute(query)
+        # Its INSERT on jobs narrowed to COPY's columns (0013), and COPY works.
+        app = pgqueue.App(roles["producer"], schema="priv")
+        assert len(app.enqueue_many(producer, "t", [{} for _ in range(600)])) == 600
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            producer.execute(
+                "insert into priv.jobs (queue, task, errors) values ('q', 't', '[1]')"
+            )
 
 
 def test_migrate_refuses_a_target_that_is_no_version(
