@@ -2013,12 +2013,79 @@ begin;
 -- One INSERT of 50,000 rows: 221-226 ms with the six, 185-196 ms with three.
 -- Each check costs 2-4 us a statement.
 
--- Names follow the Python producer's rules (producer.QUEUE_NAME, TASK_NAME).
--- Written as * and length() rather than a bounded repetition, which is slower
--- (see 0001), and compared under the "C" collation: a caller's argument may
--- carry a nondeterministic collation, under which PostgreSQL refuses regular
--- expressions. The table's name is in each error, as it was in the
--- constraint's ('pgqueue' is the schema's name as a literal).
+-- _job_input_ok: the rules on one job's input, in one place. Names follow the
+-- Python producer's rules (producer.QUEUE_NAME, TASK_NAME), written as * and
+-- length() rather than a bounded repetition, which is slower (see 0001), and
+-- compared under the "C" collation: a caller's argument may carry a
+-- nondeterministic collation, under which PostgreSQL refuses regular
+-- expressions. Plain SQL, so the planner inlines it into its callers' cached
+-- plans: no call per job. Null where an input is null and nothing else is
+-- wrong (the columns' NOT NULL and defaults deal with those).
+create function "pgqueue"._job_input_ok(
+    p_task text, p_queue text, p_priority integer, p_max_attempts integer,
+    p_key text
+) returns boolean
+language sql immutable
+as $$
+    select p_priority between -32768 and 32767
+       and (length(p_key) between 1 and 255 or p_key is null)
+       and p_max_attempts between 1 and 1000
+       and p_queue collate "C" ~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
+       and length(p_queue) <= 128
+       and p_task collate "C" ~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$'
+       and length(p_task) <= 200
+$$;
+comment on function "pgqueue"._job_input_ok(text, text, integer, integer, text) is
+    'Internal: whether one job''s input follows the rules enqueue checks.';
+
+-- _raise_bad_input: called once _job_input_ok said false, it raises what the
+-- table's checks raised: PQ001 for the priority or an overlong key first,
+-- then check_violation (23514) under the name of the first rule broken, by
+-- constraint name, with the table's name ('pgqueue' is the schema's
+-- name as a literal) and now the offending value.
+create function "pgqueue"._raise_bad_input(
+    p_task text, p_queue text, p_priority integer, p_max_attempts integer,
+    p_key text
+) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_priority not between -32768 and 32767 then
+        raise exception 'priority must be between -32768 and 32767, got %', p_priority
+              using errcode = 'PQ001';
+    elsif length(p_key) > 255 then
+        raise exception 'idempotency key longer than 255 characters'
+              using errcode = 'PQ001';
+    elsif p_max_attempts not between 1 and 1000 then
+        raise exception 'max_attempts must be between 1 and 1000, got %',
+                        p_max_attempts
+              using errcode = 'check_violation', constraint = 'jobs_attempts',
+                    table = 'jobs', schema = 'pgqueue';
+    elsif p_key = '' then
+        raise exception 'idempotency key must not be empty'
+              using errcode = 'check_violation', constraint = 'jobs_idempotency_key',
+                    table = 'jobs', schema = 'pgqueue';
+    -- The queue's rule alone: the other inputs given as valid ones.
+    elsif not "pgqueue"._job_input_ok('t', p_queue, 0, 1, null) then
+        raise exception 'invalid queue name %: 1-128 characters of letters, digits '
+                        'and _ . : / -, not starting with a punctuation mark',
+                        quote_literal(p_queue)
+              using errcode = 'check_violation', constraint = 'jobs_queue_name',
+                    table = 'jobs', schema = 'pgqueue';
+    else
+        raise exception 'invalid task name %: 1-200 characters of letters, digits '
+                        'and _ . : / -, starting with a letter or _',
+                        quote_literal(p_task)
+              using errcode = 'check_violation', constraint = 'jobs_task_name',
+                    table = 'jobs', schema = 'pgqueue';
+    end if;
+end
+$$;
+comment on function "pgqueue"._raise_bad_input(
+    text, text, integer, integer, text) is
+    'Internal: raise the error for input _job_input_ok refused.';
+
 create or replace function "pgqueue".enqueue(
     p_task            text,
     p_args            jsonb default '{}',
@@ -2035,39 +2102,10 @@ declare
     v_id    bigint;
     v_quiet boolean;
 begin
-    if p_priority not between -32768 and 32767 then
-        raise exception 'priority must be between -32768 and 32767, got %', p_priority
-              using errcode = 'PQ001';
-    end if;
-    if length(p_idempotency_key) > 255 then
-        raise exception 'idempotency key longer than 255 characters'
-              using errcode = 'PQ001';
-    end if;
-    if p_max_attempts not between 1 and 1000 then
-        raise exception 'max_attempts must be between 1 and 1000, got %',
-                        p_max_attempts
-              using errcode = 'check_violation', constraint = 'jobs_attempts',
-                    table = 'jobs', schema = 'pgqueue';
-    end if;
-    if p_idempotency_key = '' then
-        raise exception 'idempotency key must not be empty'
-              using errcode = 'check_violation', constraint = 'jobs_idempotency_key',
-                    table = 'jobs', schema = 'pgqueue';
-    end if;
-    if p_queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
-       or length(p_queue) > 128 then
-        raise exception 'invalid queue name %: 1-128 characters of letters, digits '
-                        'and _ . : / -, not starting with a punctuation mark',
-                        quote_literal(p_queue)
-              using errcode = 'check_violation', constraint = 'jobs_queue_name',
-                    table = 'jobs', schema = 'pgqueue';
-    end if;
-    if p_task collate "C" !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$' or length(p_task) > 200 then
-        raise exception 'invalid task name %: 1-200 characters of letters, digits '
-                        'and _ . : / -, starting with a letter or _',
-                        quote_literal(p_task)
-              using errcode = 'check_violation', constraint = 'jobs_task_name',
-                    table = 'jobs', schema = 'pgqueue';
+    if not "pgqueue"._job_input_ok(p_task, p_queue, p_priority,
+                                         p_max_attempts, p_idempotency_key) then
+        perform "pgqueue"._raise_bad_input(p_task, p_queue, p_priority,
+                                                 p_max_attempts, p_idempotency_key);
     end if;
     if p_idempotency_key is null then
         -- The queue's notify setting is read by the INSERT itself: one statement
@@ -2110,11 +2148,10 @@ begin
 end
 $$;
 
--- _check_jobs: enqueue_many's input checks, one pass over the arrays. Raises
--- as enqueue does, and as the table did: a priority out of range or an
--- overlong key in any job first (PQ001), else the first bad job's first rule
--- by constraint name. A null queue is the default queue, a null max_attempts
--- the default 25.
+-- _check_jobs: enqueue_many's input checks, one pass over the arrays. As the
+-- table did, a priority out of range or an overlong key in any job comes
+-- first, else the first bad job. A null queue is the default queue, a null
+-- max_attempts the default 25.
 create function "pgqueue"._check_jobs(
     p_tasks        text[],
     p_queues       text[],
@@ -2126,64 +2163,33 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_task     text;
-    v_queue    text;
-    v_priority integer;
-    v_attempts integer;
-    v_key      text;
+    v_bad record;
 begin
-    select t.task, t.queue, t.priority, t.max_attempts, t.key
-      into v_task, v_queue, v_priority, v_attempts, v_key
+    select t.task, t.queue, t.priority, t.max_attempts, t.key into v_bad
       from unnest(p_tasks, p_queues, p_priorities, p_max_attempts, p_keys)
            with ordinality as t(task, queue, priority, max_attempts, key, ord)
-     where t.priority not between -32768 and 32767
-        or length(t.key) not between 1 and 255
-        or t.max_attempts not between 1 and 1000
-        or t.queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
-        or length(t.queue) > 128
-        or t.task collate "C" !~ '^[A-Za-z_][A-Za-z0-9_.:/-]*$'
-        or length(t.task) > 200
+     where not "pgqueue"._job_input_ok(t.task, t.queue, t.priority,
+                                             t.max_attempts, t.key)
      order by coalesce(t.priority not between -32768 and 32767, false) desc,
               coalesce(length(t.key) > 255, false) desc, t.ord
      limit 1;
-    if not found then
-        return;
-    end if;
-    if v_priority not between -32768 and 32767 then
-        raise exception 'priority must be between -32768 and 32767, got %', v_priority
-              using errcode = 'PQ001';
-    elsif length(v_key) > 255 then
-        raise exception 'idempotency key longer than 255 characters'
-              using errcode = 'PQ001';
-    elsif v_attempts not between 1 and 1000 then
-        raise exception 'max_attempts must be between 1 and 1000, got %', v_attempts
-              using errcode = 'check_violation', constraint = 'jobs_attempts',
-                    table = 'jobs', schema = 'pgqueue';
-    elsif v_key = '' then
-        raise exception 'idempotency key must not be empty'
-              using errcode = 'check_violation', constraint = 'jobs_idempotency_key',
-                    table = 'jobs', schema = 'pgqueue';
-    elsif v_queue collate "C" !~ '^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$'
-          or length(v_queue) > 128 then
-        raise exception 'invalid queue name %: 1-128 characters of letters, digits '
-                        'and _ . : / -, not starting with a punctuation mark',
-                        quote_literal(v_queue)
-              using errcode = 'check_violation', constraint = 'jobs_queue_name',
-                    table = 'jobs', schema = 'pgqueue';
-    else
-        raise exception 'invalid task name %: 1-200 characters of letters, digits '
-                        'and _ . : / -, starting with a letter or _',
-                        quote_literal(v_task)
-              using errcode = 'check_violation', constraint = 'jobs_task_name',
-                    table = 'jobs', schema = 'pgqueue';
+    if found then
+        perform "pgqueue"._raise_bad_input(v_bad.task, v_bad.queue,
+                                                 v_bad.priority, v_bad.max_attempts,
+                                                 v_bad.key);
     end if;
 end
 $$;
 comment on function "pgqueue"._check_jobs(
     text[], text[], integer[], integer[], text[]) is
     'Internal: enqueue_many''s input checks; raises for the first bad job.';
-revoke execute on function "pgqueue"._check_jobs(
-    text[], text[], integer[], integer[], text[]) from public;
+
+-- Internal, reached through enqueue and enqueue_many (which run as the owner).
+revoke execute on function
+    "pgqueue"._job_input_ok(text, text, integer, integer, text),
+    "pgqueue"._raise_bad_input(text, text, integer, integer, text),
+    "pgqueue"._check_jobs(text[], text[], integer[], integer[], text[])
+    from public;
 
 -- enqueue_many: as in 0002 (and 0003's rights), its input checked by _check_jobs
 -- (which took over the priority and key-length checks).
