@@ -43,7 +43,11 @@
 --   enqueue(): 0011                                              3,193-3,691
 --              0012                                              3,395-4,086
 -- One INSERT of 50,000 rows: 221-226 ms with the six, 185-196 ms with three.
--- Each check costs 2-4 us a statement.
+-- Each check costs 2-4 us a statement. Server time of 20,000 enqueue() calls
+-- in one transaction: 798-804 ms before, 566-576 ms after; enqueue_many of
+-- 50,000 jobs: 269-281 ms before, 248-262 ms after. Bulk enqueue from Python
+-- (COPY, 2 x 10,000 jobs, medians of 8 alternating rounds): 142,243 before,
+-- 155,705 jobs/s after.
 
 -- _job_input_ok: the rules on one job's input, in one place. Names follow the
 -- Python producer's rules (producer.QUEUE_NAME, TASK_NAME), written as * and
