@@ -74,6 +74,13 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             == first
         )
         producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(10)])
+        # Bad input from SQL gets the rule's error, raised with the owner's rights.
+        for query in (
+            "select priv.enqueue('t', '{}', 'bad queue')",
+            "select priv.enqueue_many(array['t'], array['{}'::jsonb], array['bad q'])",
+        ):
+            with pytest.raises(psycopg.errors.CheckViolation, match="queue name"):
+                producer.execute(query)
         producer_app.enqueue_many(producer, "record", [{"n": i} for i in range(600)])
         # A queue that keeps no succeeded jobs: their keys go with them.
         fast = [

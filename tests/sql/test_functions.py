@@ -718,7 +718,7 @@ def test_prune_takes_the_oldest_first(conn: Conn) -> None:
 def test_the_workers_prune_one_at_a_time(conn: Conn, dsn: str) -> None:
     _finished(conn, range(1, 101), "10 days")
     prune = _sql.statements("pgqueue").prune_alone
-    key = "pgqueue prune pgqueue"
+    key = _sql.prune_lock_name("pgqueue")
     with psycopg.connect(dsn) as other:  # a worker mid-batch holds the lock
         other.execute("select pg_advisory_xact_lock(1885827445, hashtext(%s))", [key])
         assert one(conn, prune, [key, 86400, 50]) is None
