@@ -10,8 +10,8 @@
 -- seven columns COPY sends, and every other column takes its default.
 --
 -- Producers granted before this migration are found as the roles that may
--- INSERT into jobs but not UPDATE it (workers may do both) and get the same
--- narrower grant.
+-- INSERT into jobs but not UPDATE it (workers may do both): their INSERT is
+-- revoked and grant_producer run again for them.
 
 create or replace function :pgqueue_schema.grant_producer(p_role text) returns void
 language plpgsql as $$
@@ -47,8 +47,8 @@ begin
            and not has_table_privilege(a.grantee, c.oid, 'UPDATE')
     loop
         execute format('revoke insert on :pgqueue_schema.jobs from %I', v_role);
-        execute format('grant insert (id, queue, task, args, priority, run_at, '
-                       'max_attempts) on :pgqueue_schema.jobs to %I', v_role);
+        -- The producer's grants as they are now; the others it holds already.
+        perform :pgqueue_schema.grant_producer(v_role);
     end loop;
 end
 $$;
