@@ -196,6 +196,92 @@ def test_roles_granted_before_an_upgrade_keep_their_rights(
             )
 
 
+# Look-alikes of everything enqueue and the rules it inlines call, each raising
+# when called: operators on text and on integers, and the functions by name.
+HOSTILE = """
+create schema hostile;
+grant usage on schema hostile to public;
+create function hostile.trap_tt(text, text) returns boolean language plpgsql
+    as $$ begin raise exception 'hijacked: % and %', $1, $2; end $$;
+create function hostile.trap_ii(integer, integer) returns boolean language plpgsql
+    as $$ begin raise exception 'hijacked: % and %', $1, $2; end $$;
+create operator hostile.= (leftarg = text, rightarg = text, function = hostile.trap_tt);
+create operator hostile.~ (leftarg = text, rightarg = text, function = hostile.trap_tt);
+create operator hostile.>= (leftarg = integer, rightarg = integer,
+                            function = hostile.trap_ii);
+create operator hostile.<= (leftarg = integer, rightarg = integer,
+                            function = hostile.trap_ii);
+create function hostile.length(text) returns integer language plpgsql
+    as $$ begin raise exception 'hijacked: length'; end $$;
+create function hostile.now() returns timestamptz language plpgsql
+    as $$ begin raise exception 'hijacked: now'; end $$;
+create function hostile.nextval(regclass) returns bigint language plpgsql
+    as $$ begin raise exception 'hijacked: nextval'; end $$;
+create function hostile.pg_notify(text, text) returns void language plpgsql
+    as $$ begin raise exception 'hijacked: pg_notify'; end $$;
+"""
+
+
+def test_enqueue_ignores_the_callers_search_path(
+    roles: dict[str, str], conn: psycopg.Connection[Any]
+) -> None:
+    """enqueue runs as the owner without pinning search_path (0014): a caller
+    whose search_path puts look-alikes before pg_catalog reaches none of them."""
+    with psycopg.connect(roles["owner"], autocommit=True) as owner:
+        migrations.migrate(owner, "priv")
+        owner.execute(
+            "select priv.grant_producer(%s)",
+            [conninfo_to_dict(roles["producer"])["user"]],
+        )
+        owner.execute("select priv.set_queue_notify('quiet', false)")
+    conn.execute(HOSTILE)
+    try:
+        with (
+            psycopg.connect(roles["producer"], autocommit=True) as producer,
+            psycopg.connect(roles["owner"], autocommit=True) as listener,
+        ):
+            listener.execute("listen priv")
+            producer.execute("set search_path = hostile, pg_catalog")
+            # The trap works: an unqualified comparison reaches it.
+            with pytest.raises(psycopg.errors.RaiseException, match="hijacked"):
+                producer.execute("select 'a'::text = 'a'::text")
+            first = producer.execute(
+                "select priv.enqueue('t', '{}', 'q1', 5, null, 3)"
+            ).fetchone()
+            later = producer.execute(
+                "select priv.enqueue('t', '{}', 'q1', 0,"
+                " '2100-01-01'::timestamptz, 25, 'key-1')"
+            ).fetchone()
+            again = producer.execute(
+                "select priv.enqueue('t', '{}', 'q1', 0, null, 25, 'key-1')"
+            ).fetchone()
+            assert first is not None and later is not None and again == later
+            quiet = producer.execute(
+                "select priv.enqueue('t', '{}', 'quiet')"
+            ).fetchone()
+            assert quiet is not None
+            with pytest.raises(psycopg.errors.CheckViolation, match="queue name"):
+                producer.execute("select priv.enqueue('t', '{}', 'bad q')")
+            with pytest.raises(psycopg.Error, match="priority") as refused:
+                producer.execute("select priv.enqueue('t', '{}', 'q1', 40000)")
+            assert refused.value.sqlstate == "PQ001"
+            # Two notifications for q1 (the repeated key sends none), none for
+            # the quiet queue.
+            notified = [n.payload for n in listener.notifies(timeout=1)]
+            rows = listener.execute(
+                "select id, queue, priority, max_attempts, run_at > now(),"
+                " idempotency_key from priv.jobs order by id"
+            ).fetchall()
+    finally:
+        conn.execute("drop schema hostile cascade")
+    assert rows == [
+        (first[0], "q1", 5, 3, False, None),
+        (later[0], "q1", 0, 25, True, "key-1"),
+        (quiet[0], "quiet", 0, 25, False, None),
+    ]
+    assert notified == ["q1", "q1"]
+
+
 def test_migrate_refuses_a_target_that_is_no_version(
     conn: psycopg.Connection[Any],
 ) -> None:
