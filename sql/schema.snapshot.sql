@@ -2395,13 +2395,16 @@ begin;
 -- when the queue is not quiet): one statement per enqueue instead of two.
 --
 -- Measured on 2 cores, PostgreSQL 15, pgbench -M prepared, one client, one
--- enqueue per transaction, 8,000 transactions a run, 4 interleaved rounds
--- (tps, median):
+-- enqueue per transaction, 8,000 transactions a run, interleaved rounds (tps,
+-- median and range). Copies of the function side by side, 4 rounds:
 --   0013's enqueue                                   4,860 (4,497-4,989)
 --   the same without the search_path switch          5,224 (4,694-5,597)
 --   and the NOTIFY in the INSERT (this migration)    5,386 (5,009-5,455)
--- From Python (psycopg, autocommit, 5 alternating rounds of 4,000 calls):
--- 4,681 -> 4,945 jobs/s, server time 112.5 -> 105 us an enqueue.
+-- The schema migrated to 0013 against one migrated to 0014, 5 rounds, later
+-- the same day: 5,446 (5,405-5,530) -> 5,608 (5,379-5,710). Through
+-- Task.enqueue from Python (8 alternating rounds of 4,000 calls): server time
+-- 115 -> 110 us an enqueue, 4,485 -> 4,549 jobs/s (the client's share and the
+-- commit are unchanged).
 
 create or replace function "pgqueue"._job_input_ok(
     p_task text, p_queue text, p_priority integer, p_max_attempts integer,
