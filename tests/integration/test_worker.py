@@ -345,21 +345,23 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
     @app.task()
     def record(ctx: pgqueue.JobContext) -> None:
         ctx.conn.execute("insert into business values (%s, 'x')", [ctx.job.id])
-        time.sleep(0.002)
+        time.sleep(0.01)
 
     @app.task(transactional=False)
     async def quick(ctx: pgqueue.JobContext) -> None:
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.01)
 
     @app.task(max_attempts=1)
     def broken(ctx: pgqueue.JobContext) -> None:
-        time.sleep(0.002)
+        time.sleep(0.01)
         raise ValueError("dead on the first attempt")
 
     record.enqueue_many(business, [{}] * 1200)
     quick.enqueue_many(business, [{}] * 1200)
     broken.enqueue_many(business, [{}] * 600)
-    # Heartbeats every second while about eight jobs end every few ms.
+    # Heartbeats every second while eight jobs end every 10 ms or so: 3,000 jobs
+    # of 10 ms on 8 slots last at least 3.75 s, however fast the machine (with
+    # 2 ms jobs a fast one finished between two heartbeats).
     with (
         structlog.testing.capture_logs() as events,
         running_worker(app, concurrency=8, lease_seconds=3) as worker,
