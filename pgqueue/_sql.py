@@ -69,7 +69,12 @@ _TEMPLATES: dict[str, LiteralString] = {
     "complete_all": (
         "select {schema}.complete_all(%s::bigint[], %s::uuid[], %s::jsonb[])"
     ),
-    "fail": "select {schema}.fail(%s, %s, %s::jsonb, %s)",
+    # The worker's batch of failures: (id, new state) of those whose lease it
+    # still held; a missing id lost its lease.
+    "fail_many": (
+        "select id, state::text from {schema}.fail_many("
+        "%s::bigint[], %s::uuid[], %s::jsonb[], %s::float8[])"
+    ),
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
     "reap": "select id, state from {schema}.reap(%s)",
     "hand_back": "select {schema}.hand_back(%s::bigint[], %s::uuid[])",
@@ -147,7 +152,7 @@ class Statements:
     complete: str
     complete_one: str
     complete_all: str
-    fail: str
+    fail_many: str
     heartbeat: str
     reap: str
     hand_back: str

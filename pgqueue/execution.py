@@ -40,6 +40,7 @@ from pgqueue.txbatch import BatchItem, TxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
 FLUSH_MAX = 2000  # completions per statement
+FAIL_FLUSH_MAX = 500  # failures per statement (each carries a traceback)
 _BIG_INT = 10**18  # smaller ints skip the JSON encoder (a result of 1 is common)
 
 
@@ -124,6 +125,16 @@ class Attempt:
         )
 
 
+@dataclass(eq=False, slots=True)
+class Failure:
+    """A failed attempt waiting to be written (JobExecution._write_failures)."""
+
+    attempt: Attempt
+    error: str  # "Kind: message", for the log
+    payload: str  # the error history entry, JSON
+    delay: float  # seconds until the retry, if attempts remain
+
+
 def _set_completing(attempt: Attempt, value: bool) -> None:
     attempt.completing = value
 
@@ -157,6 +168,7 @@ class JobExecution:
     _thread_conns: list[psycopg.Connection[Any]]
     _thread_conns_lock: threading.Lock
     _done: list[tuple[Attempt, str | None]]
+    _failed: list[Failure]
     _flush: asyncio.Event | None
     _tx_batcher: TxBatcher | None
     # Worker's: run one statement on a pooled connection and return its rows.
@@ -190,7 +202,7 @@ class JobExecution:
         except LeaseLost:
             self._lease_was_lost(attempt)
         except Exception as exc:
-            await self._fail(attempt, task, exc)
+            self._fail(attempt, task, exc)
 
     def _log_started(self, attempt: Attempt) -> Job:
         job = attempt.job
@@ -277,7 +289,7 @@ class JobExecution:
             if attempt.sync_conn is not None:
                 with contextlib.suppress(Exception):
                     attempt.sync_conn.cancel_safe(timeout=1.0)
-            await self._fail(
+            self._fail(
                 attempt,
                 task,
                 JobTimeout(
@@ -410,10 +422,8 @@ class JobExecution:
             detail="the lease expired or moved; this attempt's result was discarded",
         )
 
-    async def _fail(
-        self, attempt: Attempt, task: Task | None, exc: BaseException
-    ) -> None:
-        """Record a failed attempt in its own transaction (retry or dead)."""
+    def _fail(self, attempt: Attempt, task: Task | None, exc: BaseException) -> None:
+        """Buffer a failed attempt (retry or dead); the flusher writes it."""
         job = attempt.job
         if attempt.abandoned:
             return
@@ -431,30 +441,40 @@ class JobExecution:
             ),
         }
         payload = serialization.dumps(error, what="error")
-        state = None
-        for pause in (0.0, 0.2, 1.0):
-            await asyncio.sleep(pause)
-            try:
-                rows = await self._fetch(
-                    self._stmts.fail, [job.id, job.lease_token, payload, delay]
-                )
-                state = rows[0][0] if rows else None
-                break
-            except Exception as db_exc:
-                self._log.warning(
-                    "fail_not_recorded", job_id=job.id, error=repr(db_exc)
-                )
-        else:
-            return  # the lease will expire and reap will count the attempt
-        if state is None:
-            self._lease_was_lost(attempt)
-            return
-        self.counters.failed += 1
-        self._log.warning(
-            "job_failed",
-            **_job_fields(job),
-            duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
-            error=error["error"],
-            state=state,
-            retry_in_s=round(delay, 3) if state == "queued" else None,
-        )
+        assert self._flush is not None
+        self._failed.append(Failure(attempt, error["error"], payload, delay))
+        self._flush.set()
+
+    async def _write_failures(self, batch: Sequence[Failure]) -> bool:
+        """Record a batch of failures in one statement; False if it failed (the
+        flusher keeps them and tries again)."""
+        try:
+            rows = await self._fetch(
+                self._stmts.fail_many,
+                [
+                    [f.attempt.job.id for f in batch],
+                    [f.attempt.job.lease_token for f in batch],
+                    [f.payload for f in batch],
+                    [f.delay for f in batch],
+                ],
+            )
+        except Exception as exc:
+            self._log.warning("fail_not_recorded", error=repr(exc), jobs=len(batch))
+            return False
+        states = dict(rows)
+        for failure in batch:
+            attempt = failure.attempt
+            state = states.get(attempt.job.id)
+            if state is None:
+                self._lease_was_lost(attempt)
+                continue
+            self.counters.failed += 1
+            self._log.warning(
+                "job_failed",
+                **_job_fields(attempt.job),
+                duration_ms=round((time.perf_counter() - attempt.started) * 1000, 3),
+                error=failure.error,
+                state=state,
+                retry_in_s=round(failure.delay, 3) if state == "queued" else None,
+            )
+        return True

@@ -40,7 +40,15 @@ from pgqueue.app import App
 from pgqueue.errors import (
     ConfigurationError,
 )
-from pgqueue.execution import FLUSH_MAX, Attempt, Counters, JobExecution, completions
+from pgqueue.execution import (
+    FAIL_FLUSH_MAX,
+    FLUSH_MAX,
+    Attempt,
+    Counters,
+    Failure,
+    JobExecution,
+    completions,
+)
 from pgqueue.jobs import Job, jobs_from_lease
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
@@ -141,6 +149,7 @@ class Worker(JobExecution):
         self._running: dict[int, Attempt] = {}
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[Attempt, str | None]] = []
+        self._failed: list[Failure] = []  # failures the flusher has yet to write
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
@@ -305,7 +314,7 @@ class Worker(JobExecution):
                         )
                     ):
                         if self.until_empty and not (
-                            self._running or self._ready or self._done
+                            self._running or self._ready or self._done or self._failed
                         ):
                             # Everything leased has finished and is written: one
                             # more look, and the lease exits if nothing is due.
@@ -336,7 +345,7 @@ class Worker(JobExecution):
                     if self._notified == notified:
                         self._due = False
                     if self.until_empty and not (
-                        self._running or self._ready or self._done
+                        self._running or self._ready or self._done or self._failed
                     ):
                         return
                     await self._plan_next_due()
@@ -433,7 +442,7 @@ class Worker(JobExecution):
     # -- background loops ---------------------------------------------------------
 
     async def _flusher(self) -> None:
-        """Write buffered completions, one statement for everything pending."""
+        """Write buffered completions and failures, a statement per batch."""
         assert self._flush is not None
         while True:
             await self._flush.wait()
@@ -450,24 +459,38 @@ class Worker(JobExecution):
 
     async def _flush_pending(self) -> None:
         backoff = 0.05
-        while self._done:
-            # Bounded statements: a backlog of completions (after a database blip)
-            # is written in slices rather than one giant array.
-            batch, self._done = self._done[:FLUSH_MAX], self._done[FLUSH_MAX:]
-            try:
-                rows = await self._fetch(self._stmts.complete, completions(batch))
-            except Exception as exc:
-                self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
-                self._done[:0] = batch
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            lost = set(rows[0][0]) if rows else set()
-            for attempt, _ in batch:
-                if attempt.job.id in lost:
-                    self._lease_was_lost(attempt)
-                else:
-                    self._log_succeeded(attempt)
+        while self._done or self._failed:
+            # Bounded statements: a backlog (after a database blip) is written
+            # in slices rather than one giant array.
+            if self._done:
+                done, self._done = self._done[:FLUSH_MAX], self._done[FLUSH_MAX:]
+                if await self._write_completions(done):
+                    continue
+                self._done[:0] = done
+            else:
+                failed = self._failed[:FAIL_FLUSH_MAX]
+                self._failed = self._failed[FAIL_FLUSH_MAX:]
+                if await self._write_failures(failed):
+                    continue
+                self._failed[:0] = failed
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _write_completions(self, batch: list[tuple[Attempt, str | None]]) -> bool:
+        """Complete a batch in one statement; False if it failed (the flusher
+        keeps the batch and tries again)."""
+        try:
+            rows = await self._fetch(self._stmts.complete, completions(batch))
+        except Exception as exc:
+            self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
+            return False
+        lost = set(rows[0][0]) if rows else set()
+        for attempt, _ in batch:
+            if attempt.job.id in lost:
+                self._lease_was_lost(attempt)
+            else:
+                self._log_succeeded(attempt)
+        return True
 
     async def _heartbeater(self) -> None:
         interval = self.lease_seconds / 3
@@ -482,6 +505,7 @@ class Worker(JobExecution):
             ]
             held = [a.job for a in running]
             held += [a.job for a, _ in self._done]
+            held += [f.attempt.job for f in self._failed]
             held += self._ready
             try:
                 rows = await self._fetch(

@@ -437,11 +437,16 @@ def test_fenced_statements_find_running_jobs_by_primary_key(conn: Conn) -> None:
             "select pgqueue.fail(%s, %s, '{}', 0)::text",
             [ids[1000], tokens[1000]],
         )
+        failed = conn.execute(
+            "select * from pgqueue.fail_many(%s, %s, %s::jsonb[], %s)",
+            [ids[1001:1101], tokens[1001:1101], ["{}"] * 100, [0.0] * 100],
+        ).fetchall()
         scans = conn.execute(
             "select pg_stat_get_xact_numscans('pgqueue.jobs_lease_expiry_idx'::regclass),"
             " pg_stat_get_xact_numscans('pgqueue.jobs_pkey'::regclass)"
         ).fetchone()
     assert (len(done), len(held), len(back), state) == (500, 1500, 500, "queued")
+    assert len(failed) == 100
     assert scans is not None
     expiry_scans, pkey_scans = scans
     assert expiry_scans == 0 and pkey_scans > 0
@@ -490,6 +495,50 @@ def test_fail_delay_sets_run_at(conn: Conn) -> None:
     )
     assert 119 < wait <= 120
     assert lease(conn) == []
+
+
+def test_fail_many_requeues_or_buries_each_job_and_skips_lost_leases(
+    conn: Conn,
+) -> None:
+    retried = enqueue(conn, max_attempts=2)
+    buried = enqueue(conn, max_attempts=1)
+    lost = enqueue(conn)
+    tokens = {job_id: token for job_id, token, _ in lease(conn, 3)}
+    errors = [json.dumps({"error": f"ValueError: {n}"}) for n in ("x", "a", "b", "a")]
+    rows = conn.execute(
+        "select id, state::text from pgqueue.fail_many(%s, %s, %s::jsonb[], %s)",
+        [
+            [lost, retried, buried, retried],  # a wrong token, and a repeated id
+            [uuid.uuid4(), tokens[retried], tokens[buried], tokens[retried]],
+            errors,
+            [0.0, 120.0, 0.0, 120.0],
+        ],
+    ).fetchall()
+    assert sorted(rows) == [(retried, "queued"), (buried, "dead")]
+    again = conn.execute(
+        "select attempts, extract(epoch from run_at - now()) between 119 and 120,"
+        " errors -> 0 ->> 'error', errors -> 0 ->> 'attempt', errors -> 0 ->> 'worker'"
+        " from pgqueue.jobs where id = %s",
+        [retried],
+    ).fetchone()
+    assert again == (1, True, "ValueError: a", "1", "w")
+    dead = conn.execute(
+        "select attempts, last_error from pgqueue.dead_jobs where id = %s", [buried]
+    ).fetchone()
+    assert dead == (1, "ValueError: b")
+    assert state(conn, lost) == "running"
+
+
+def test_fail_many_refuses_arrays_of_different_lengths(conn: Conn) -> None:
+    job_id = enqueue(conn)
+    [(_, token, _)] = lease(conn)
+    with pytest.raises(psycopg.Error, match="3 elements") as refused:
+        conn.execute(
+            "select * from pgqueue.fail_many(%s, %s, %s::jsonb[], %s)",
+            [[job_id, 1, 2], [token], ["{}"], [0.0]],
+        )
+    assert refused.value.sqlstate == "PQ001"
+    assert state(conn, job_id) == "running"
 
 
 def test_reap_counts_an_attempt_and_ends_dead(conn: Conn) -> None:
