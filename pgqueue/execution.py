@@ -14,7 +14,6 @@ import contextlib
 import functools
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgqueue import _sql, serialization
+from pgqueue import _sql, serialization, tracebacks
 from pgqueue.app import App
 from pgqueue.context import JobContext, new_context
 from pgqueue.errors import (
@@ -436,9 +435,7 @@ class JobExecution:
         error = {
             "error": f"{type(exc).__name__}: {exc}",
             "kind": type(exc).__name__,
-            "traceback": "".join(traceback.format_exception(exc))[-8000:].replace(
-                "\x00", ""
-            ),
+            "traceback": tracebacks.format_exception(exc)[-8000:].replace("\x00", ""),
         }
         payload = serialization.dumps(error, what="error")
         assert self._flush is not None
