@@ -51,6 +51,12 @@ async def business_async(ctx: JobContext) -> None:
     )
 
 
+@app.task(transactional=False, max_attempts=1)
+async def broken(ctx: JobContext) -> None:
+    """Always raises, as when a service every job calls is down."""
+    raise RuntimeError("the service this job calls is down")
+
+
 @app.task(transactional=False)
 async def stamp(ctx: JobContext) -> float:
     """Return the wall-clock time the handler started (pickup latency)."""
@@ -279,6 +285,37 @@ def bench_drain(dsn: str, n: int, out: Results) -> None:
             )
 
 
+def bench_failures(dsn: str, n: int, out: Results) -> None:
+    """Drain n jobs whose handler raises (a storm of failures), 1 process."""
+    _reset(dsn)
+    with _connect(dsn) as conn:
+        with conn.transaction():
+            broken.enqueue_many(conn, [{} for _ in range(n)])  # max_attempts 1
+        conn.execute(_q("vacuum analyze {schema}.jobs"))
+    # Every failure logs a warning: at error level the figure is the queue's,
+    # not the terminal's.
+    _run_workers(dsn, 1, "-c", "500", "--prefetch", "500", "--log-level", "error")
+    with _connect(dsn) as conn:
+        row = conn.execute(
+            _q(
+                "select count(*), count(*) filter (where attempts = 1"
+                " and errors -> 0 ->> 'kind' = 'RuntimeError'),"
+                " extract(epoch from max(finished_at) - min(started_at))"
+                " from {schema}.finished_jobs where state = 'dead'"
+            )
+        ).fetchone()
+    assert row is not None
+    dead, recorded, seconds = row
+    if dead != n or recorded != n:
+        raise RuntimeError(f"failures: {dead} of {n} jobs dead, {recorded} recorded")
+    out.add(
+        "failures_1proc",
+        float(n / seconds),
+        "jobs/s, every handler raises, each job ends dead with its error"
+        " (max_attempts 1), 1 worker process, -c 500 --prefetch 500",
+    )
+
+
 def bench_business(dsn: str, n: int, out: Results) -> None:
     """Drain n transactional jobs that each insert one business row."""
     variants = (
@@ -445,6 +482,7 @@ WORKLOADS: dict[str, Callable[[str, int, Results], None]] = {
     "enqueue": bench_enqueue,
     "producers": bench_producers,
     "drain": bench_drain,
+    "failures": bench_failures,
     "business": bench_business,
     "latency": lambda dsn, n, out: bench_latency(dsn, 500, out),
     "backlog": lambda dsn, n, out: bench_backlog(dsn, 1_000_000, out),

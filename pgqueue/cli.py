@@ -504,7 +504,8 @@ def bench(
     workload: Annotated[
         list[str] | None,
         typer.Option(
-            help="enqueue, producers, drain, business, latency, backlog, memory."
+            help="enqueue, producers, drain, failures, business, latency, backlog,"
+            " memory."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
