@@ -34,6 +34,12 @@ def record(ctx, n, sleep=0.0):
     if sleep:
         time.sleep(sleep)
 
+@app.task(transactional=False,
+          retry=pgqueue.ExponentialBackoff(base=0.05, max_delay=0.2))
+async def flaky(ctx):
+    if ctx.job.attempts < 2:
+        raise RuntimeError("fails twice, then succeeds")
+
 @app.task(max_attempts=3, retry=pgqueue.ExponentialBackoff(base=0.05, max_delay=0.2))
 def poison(ctx):
     os._exit(3)  # the worker dies with the job, every time

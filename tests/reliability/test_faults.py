@@ -60,7 +60,12 @@ def test_crash_under_load_loses_nothing_and_duplicates_nothing(
 def test_backends_terminated_repeatedly_workers_reconnect(
     dsn: str, business: Conn, tmp_path: Path
 ) -> None:
+    import pgqueue
+
     ids = enqueue(business, JOBS // 2, sleep=0.002)
+    # Failures are buffered and written in batches: killed connections must
+    # neither lose one nor count one twice.
+    flaky = pgqueue.App(dsn).enqueue_many(business, "flaky", [{}] * 300)
     fleet = Fleet(dsn, tmp_path, "-c", "4", "--lease", "3", "--poll-interval", "0.5")
     fleet.start(2)
     terminated = 0
@@ -78,7 +83,7 @@ def test_backends_terminated_repeatedly_workers_reconnect(
         while time.monotonic() < deadline and not all_finished(business, ids):
             time.sleep(0.5)
             terminate_all()
-        wait_until(lambda: all_finished(business, ids), timeout=120)
+        wait_until(lambda: all_finished(business, ids + flaky), timeout=120)
         assert len(fleet.alive()) == 2, "a worker died instead of reconnecting"
         # After the storm the LISTEN connection is back: a new job is picked up.
         more = enqueue(business, 1)
@@ -87,6 +92,14 @@ def test_backends_terminated_repeatedly_workers_reconnect(
         fleet.stop()
     assert terminated >= 6
     check_exactly_once(business, ids + more)
+    # Each failed or lost attempt counted once, with its entry in the history.
+    counted = business.execute(
+        "select count(*) filter (where state = 'succeeded' and attempts >= 2"
+        " and jsonb_array_length(errors) = attempts) from pgqueue.jobs_overview"
+        " where id = any(%s)",
+        [flaky],
+    ).fetchone()
+    assert counted == (len(flaky),)
     assert "listener_disconnected" in fleet.log_text()
 
 
