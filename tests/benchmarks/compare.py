@@ -15,6 +15,14 @@ Every system gets a fresh database per workload on the same server. The raw
 baselines are pgbench scripts (tests/benchmarks/BENCHMARKS in ../shared): the
 least work per job a SKIP LOCKED queue can do. A system's figure counts only
 if every job ran exactly once (handler calls are counted by job id).
+
+Workloads per system: enqueue (one by one, bulk), drains with 1 and 2 worker
+processes, latency of an idle worker, and a failure storm (failures_1proc,
+higher is better, no raw ceiling): jobs whose handler always raises, not
+retried, drained by one worker process with the drain's settings, counted
+from the first handler call until the worker returned with every job in its
+system's final failed state (pgqueue dead, PgQueuer's log status exception,
+procrastinate failed, Oban discarded).
 """
 
 from __future__ import annotations
@@ -299,6 +307,36 @@ def drain(
     return res
 
 
+def failing_drain(server: str, system: str, n: int) -> dict[str, float]:
+    """Failures/s of a failure storm: n jobs whose handler raises, not retried,
+    drained by one worker process with the drain's settings; from the first
+    handler call until the worker returned with all n jobs in the system's
+    final failed state."""
+    name = f"pqbench_{system}"
+    dsn = fresh_db(server, name)
+    try:
+        peer(system, "setup", dsn, "-")
+        peer(system, "fill_failing", dsn, str(n))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "failing.json")
+            proc = subprocess.Popen([*peers(system), system, "drain_failing", dsn, out])
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"{system} failing drain worker failed")
+            result = json.loads(Path(out).read_text())
+    finally:
+        drop_db(server, name)
+    calls = result["calls"]
+    ids = {c[0] for c in calls}
+    if len(calls) != n or len(ids) != n:
+        raise RuntimeError(
+            f"{system}: {len(calls)} handler calls for {len(ids)} of {n} failing jobs"
+        )
+    if result["failed"] != n:
+        raise RuntimeError(f"{system}: {result['failed']} of {n} jobs failed finally")
+    first = min(c[1] for c in calls)
+    return {"failures_1proc": n / (result["end"] - first)}
+
+
 def latency(server: str, system: str, jobs: int) -> dict[str, float]:
     name = f"pqbench_{system}"
     dsn = fresh_db(server, name)
@@ -360,6 +398,7 @@ def measure(
     size = drain_n.get(system, n)
     for processes in (1, 2):
         res.update(drain_figures(server, system, size, processes, repeat))
+    res.update(failing_drain(server, system, size))
     res.update(latency(server, system, 300))
     return res
 
@@ -454,12 +493,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument(
         "--slow-n", type=int, default=5000,
-        help="jobs for the drain of systems below 5k jobs/s (procrastinate)",
+        help="jobs for the drains and the failure storm of systems below 5k jobs/s"
+        " (procrastinate)",
     )  # fmt: skip
     parser.add_argument(
         "--fast-n", type=int, default=100_000,
-        help="jobs for the drains of pgqueue and PgQueuer and the batched raw"
-        " ceiling (a 20k-job drain of a fast queue lasts under a second)",
+        help="jobs for the drains and the failure storms of pgqueue and PgQueuer"
+        " and the batched raw ceiling (a 20k-job drain of a fast queue lasts"
+        " under a second)",
     )  # fmt: skip
     parser.add_argument(
         "--repeat", type=int, default=3,

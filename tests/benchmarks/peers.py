@@ -8,6 +8,12 @@ SYSTEM: pgqueue, pgqueuer, procrastinate, oban. ROLE:
   fill N            enqueue N no-op jobs in bulk
   drain OUT         run one worker until the queue is empty; write to OUT the
                     id and wall-clock start of every handler call
+  fill_failing N    enqueue N "broken" jobs in bulk: the handler raises and
+                    the job is not retried (one attempt)
+  drain_failing OUT run one worker as `drain` does over the broken jobs; write
+                    to OUT {"calls": the handler calls as `drain` writes them,
+                    "end": wall clock once the worker returned, "failed": jobs
+                    in the system's final failed state}
   listen OUT M      run one idle worker until M jobs ran; write the same to OUT
   produce M         enqueue one job every 20 ms; print {job id: commit time}
 
@@ -15,6 +21,13 @@ Each system runs with the settings its documentation recommends for
 throughput: pgqueue -c 500 --prefetch 500 (one process), PgQueuer with
 asyncpg and batch_size=500, procrastinate concurrency=10, Oban a queue limit
 of 500 on uvloop with orjson (as `oban start` runs).
+
+The failure storm (fill_failing, drain_failing) silences every system's
+per-failure logging alike: pgqueue at log level error, the peers' loggers at
+CRITICAL; tens of thousands of tracebacks on stderr would measure the
+terminal, not the queue. Where each system keeps a failed job, checked in its
+source (pgqueue's sql/migrations, PgQueuer 1.6, procrastinate 3.10, Oban for
+Python 0.7), is the query of its *_FAILED constant below.
 
 Oban for Python needs Python >= 3.12, so compare.py runs the oban roles with
 the interpreter of a second venv (.venv-bench-oban); this file must therefore
@@ -52,6 +65,20 @@ def _write(out: str) -> None:
     Path(out).write_text(json.dumps(calls))
 
 
+def _write_failing(out: str, end: float, failed: int) -> None:
+    """drain_failing's result: the calls, when the worker returned, how many
+    jobs the system holds as finally failed."""
+    Path(out).write_text(json.dumps({"calls": calls, "end": end, "failed": failed}))
+
+
+def _silence(*loggers: str) -> None:
+    """No per-failure log lines from these stdlib loggers (drain_failing)."""
+    import logging
+
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _timed(n: int, func: Any) -> float:
     started = time.perf_counter()
     func()
@@ -74,6 +101,11 @@ async def _enqueue_rates(n: int, one: Any, bulk: Any) -> dict[str, float]:
 
 # -- pgqueue --------------------------------------------------------------------
 
+# A job whose last attempt failed leaves pgqueue.jobs for finished_jobs with
+# state 'dead' (_fail_locked, sql/migrations/0002_functions.sql; written in
+# batches by fail_many, 0015).
+PGQUEUE_FAILED = "select count(*) from pgqueue.finished_jobs where state = 'dead'"
+
 
 def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
     import psycopg
@@ -82,7 +114,10 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
     from pgqueue import migrations
     from pgqueue.log import configure
 
-    configure("warning")  # as `pgqueue worker --log-level warning`
+    # As `pgqueue worker --log-level warning`; the failure storm at error:
+    # pgqueue logs a warning per failed job (as every system's per-failure
+    # logging is silenced for it).
+    configure("error" if role == "drain_failing" else "warning")
     app = pgqueue.App(dsn)
     stop_after = int(extra or 0)
     worker: pgqueue.Worker | None = None
@@ -93,22 +128,29 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
         if worker is not None and stop_after and done_calls >= stop_after:
             worker.stop()
 
+    # One attempt: the failure is final, the job goes to finished_jobs, dead.
+    @app.task(transactional=False, max_attempts=1)
+    async def broken(ctx: pgqueue.JobContext) -> None:
+        _called(ctx.job.id)
+        raise RuntimeError("failure storm")
+
     if role == "setup":
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.migrate(conn)
             if arg == "discard":  # compare.py's drains without history
                 conn.execute("select pgqueue.configure_queue('default', false)")
         return None
-    if role in ("enqueue", "fill"):
+    if role in ("enqueue", "fill", "fill_failing"):
         n = int(arg)
+        task = broken if role == "fill_failing" else noop
         with psycopg.connect(dsn, autocommit=True) as conn:
 
             def bulk() -> None:
                 for i in range(0, n, BULK_CHUNK):
                     with conn.transaction():
-                        noop.enqueue_many(conn, [{}] * min(BULK_CHUNK, n - i))
+                        task.enqueue_many(conn, [{}] * min(BULK_CHUNK, n - i))
 
-            if role == "fill":
+            if role in ("fill", "fill_failing"):
                 bulk()
                 return None
 
@@ -120,11 +162,17 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
                 "enqueue_one": _timed(n, one_by_one),
                 "enqueue_bulk": _timed(n, bulk),
             }
-    if role == "drain":
+    if role in ("drain", "drain_failing"):
         pgqueue.Worker(
             app, concurrency=500, prefetch=500, until_empty=True, handle_signals=False
         ).run()
-        _write(arg)
+        if role == "drain":
+            _write(arg)
+            return None
+        end = time.time()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(PGQUEUE_FAILED).fetchone()
+        _write_failing(arg, end, row[0] if row else 0)
         return None
     if role == "listen":
         worker = pgqueue.Worker(app, concurrency=10, handle_signals=False)
@@ -143,6 +191,14 @@ def pgqueue_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
 
 
 # -- PgQueuer -------------------------------------------------------------------
+
+# An entrypoint that raises is not retried by default (the default executor,
+# on_failure="delete"): QueueManager.log_failure (pgqueuer/core/qm.py) logs it
+# and buffers status 'exception'; the JobStatusLogBuffer then deletes the job
+# from pgqueuer and inserts a pgqueuer_log row with that status
+# (build_log_job_query, pgqueuer/adapters/persistence/qb.py). Log aggregation
+# only marks rows aggregated, it keeps them.
+PGQUEUER_FAILED = "select count(*) from pgqueuer_log where status = 'exception'"
 
 
 async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
@@ -163,15 +219,16 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
     if role == "setup":
         await queries.install()
         return None
-    if role in ("enqueue", "fill"):
+    if role in ("enqueue", "fill", "fill_failing"):
         n = int(arg)
+        entrypoint = "broken" if role == "fill_failing" else "noop"
 
         async def bulk() -> None:
             for i in range(0, n, BULK_CHUNK):
                 k = min(BULK_CHUNK, n - i)
-                await queries.enqueue(["noop"] * k, [None] * k, [0] * k)
+                await queries.enqueue([entrypoint] * k, [None] * k, [0] * k)
 
-        if role == "fill":
+        if role in ("fill", "fill_failing"):
             await bulk()
             return None
         return await _enqueue_rates(n, lambda: queries.enqueue("noop", None), bulk)
@@ -191,6 +248,25 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
         if stop_after and done_calls >= stop_after:
             qm.shutdown.set()
 
+    @qm.entrypoint("broken")
+    async def broken(job: Any) -> None:
+        _called(int(job.id))
+        raise RuntimeError("failure storm")
+
+    if role == "drain_failing":
+        _silence("pgqueuer")  # logger.exception with traceback per failed job
+        await qm.run(batch_size=500, mode=QueueExecutionMode.drain)
+        end = time.time()  # run() returns after its status log buffer's flush
+        counter = await asyncpg.connect(
+            host=info.get("host"), port=info.get("port"), user=info.get("user"),
+            database=info.get("dbname"), password=info.get("password"),
+        )  # fmt: skip
+        try:
+            failed = await counter.fetchval(PGQUEUER_FAILED)
+        finally:
+            await counter.close()
+        _write_failing(arg, end, int(failed))
+        return None
     if role == "drain":
         await qm.run(batch_size=500, mode=QueueExecutionMode.drain)
     elif role == "listen":
@@ -203,9 +279,15 @@ async def pgqueuer_main(role: str, dsn: str, arg: str, extra: str | None) -> Any
 
 # -- procrastinate ----------------------------------------------------------------
 
+# A task without `retry` (default False) that raises ends with status 'failed';
+# the worker (procrastinate/worker.py) awaits finish_job before it takes the
+# next job, and keeps the row (delete_jobs defaults to "never").
+PROCRASTINATE_FAILED = "select count(*) from procrastinate_jobs where status = 'failed'"
+
 
 async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
     import procrastinate
+    import psycopg
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
     stop_after = int(extra or 0)
@@ -217,18 +299,24 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
         if stop_after and done_calls >= stop_after:
             done.set()
 
+    @app.task(name="broken", pass_context=True)  # no retry (the default)
+    async def broken(context: Any) -> None:
+        _called(int(context.job.id))
+        raise RuntimeError("failure storm")
+
     async with app.open_async():
         if role == "setup":
             await app.schema_manager.apply_schema_async()
             return None
-        if role in ("enqueue", "fill"):
+        if role in ("enqueue", "fill", "fill_failing"):
             n = int(arg)
+            task = broken if role == "fill_failing" else noop
 
             async def bulk() -> None:
                 for i in range(0, n, BULK_CHUNK):
-                    await noop.batch_defer_async(*[{}] * min(BULK_CHUNK, n - i))
+                    await task.batch_defer_async(*[{}] * min(BULK_CHUNK, n - i))
 
-            if role == "fill":
+            if role in ("fill", "fill_failing"):
                 await bulk()
                 return None
             return await _enqueue_rates(n, noop.defer_async, bulk)
@@ -239,6 +327,17 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
                 committed[int(job_id)] = time.time()
                 await asyncio.sleep(0.02)
             return committed
+        if role == "drain_failing":
+            # An ERROR with traceback per failed job, from procrastinate.worker.
+            _silence("procrastinate")
+            await app.run_worker_async(
+                concurrency=10, wait=False, install_signal_handlers=False
+            )
+            end = time.time()
+            async with await psycopg.AsyncConnection.connect(dsn) as conn:
+                row = await (await conn.execute(PROCRASTINATE_FAILED)).fetchone()
+            _write_failing(arg, end, row[0] if row else 0)
+            return None
         if role == "drain":
             await app.run_worker_async(
                 concurrency=10, wait=False, install_signal_handlers=False
@@ -264,8 +363,16 @@ async def procrastinate_main(role: str, dsn: str, arg: str, extra: str | None) -
 # cores). Listening runs a limit of 10, like the others' listen workers.
 OBAN_DRAIN_LIMIT = 500
 OBAN_LISTEN_LIMIT = 10
+# Jobs still to run or running. A job stays 'executing' until its producer
+# acks it (in batches, after the handler returned), so this also waits for
+# every result to be recorded. 'retryable' is unfinished (it runs again); a
+# failure storm's jobs (max_attempts=1) go from 'executing' straight to
+# 'discarded', which is final, so the loop ends once all are discarded.
 UNFINISHED = """select exists (select from oban_jobs
     where state in ('available', 'scheduled', 'executing', 'retryable'))"""
+# An error on a job's last attempt acks it 'discarded' (Executor._record_stopped,
+# oban/_executor.py); the pruner removes discarded jobs only after a day.
+OBAN_FAILED = "select count(*) from oban_jobs where state = 'discarded'"
 
 
 async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
@@ -290,12 +397,21 @@ async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
             if stop_after and done_calls >= stop_after:
                 done.set()
 
+    # Oban's default is 20 attempts; max_attempts=1 discards on the first error.
+    @worker(queue="default", max_attempts=1)
+    class Broken:
+        __qualname__ = "Broken"
+
+        async def process(self, job: Any) -> None:
+            _called(int(job.id))
+            raise RuntimeError("failure storm")
+
     pool = await Oban.create_pool(dsn)  # Oban's own pool defaults: 1 to 10
     try:
         if role == "setup":
             await install(pool)
             return None
-        if role in ("enqueue", "fill", "produce"):
+        if role in ("enqueue", "fill", "fill_failing", "produce"):
             client = Oban(pool=pool)  # no queues: client mode, enqueues only
             if role == "produce":
                 committed = {}
@@ -305,30 +421,41 @@ async def oban_main(role: str, dsn: str, arg: str, extra: str | None) -> Any:
                     await asyncio.sleep(0.02)
                 return committed
             n = int(arg)
+            task = Broken if role == "fill_failing" else Noop
 
             async def bulk() -> None:
                 for i in range(0, n, BULK_CHUNK):
                     k = min(BULK_CHUNK, n - i)
-                    await client.enqueue_many([Noop.new() for _ in range(k)])
+                    await client.enqueue_many([task.new() for _ in range(k)])
 
-            if role == "fill":
+            if role in ("fill", "fill_failing"):
                 await bulk()
                 return None
             return await _enqueue_rates(n, lambda: client.enqueue(Noop.new()), bulk)
-        if role == "drain":
+        if role in ("drain", "drain_failing"):
             # Oban has no run-until-empty mode: poll its jobs table, on a
             # connection of our own, until no job is left to run or running
             # (with two processes: until both have finished their share).
+            if role == "drain_failing":
+                # Oban logs job errors only through telemetry handlers, which
+                # `oban start` attaches and this process does not; silenced
+                # alike all the same.
+                _silence("oban")
             oban = Oban(pool=pool, queues={"default": OBAN_DRAIN_LIMIT})
-            async with (
-                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
-                oban,
-            ):
-                while True:
-                    await asyncio.sleep(0.05)
-                    row = await (await conn.execute(UNFINISHED)).fetchone()
-                    if row is None or not row[0]:
-                        break
+            async with await psycopg.AsyncConnection.connect(
+                dsn, autocommit=True
+            ) as conn:
+                async with oban:
+                    while True:
+                        await asyncio.sleep(0.05)
+                        row = await (await conn.execute(UNFINISHED)).fetchone()
+                        if row is None or not row[0]:
+                            break
+                if role == "drain_failing":
+                    end = time.time()
+                    row = await (await conn.execute(OBAN_FAILED)).fetchone()
+                    _write_failing(arg, end, row[0] if row else 0)
+                    return None
         elif role == "listen":
             async with Oban(pool=pool, queues={"default": OBAN_LISTEN_LIMIT}):
                 await done.wait()
