@@ -69,10 +69,10 @@ _TEMPLATES: dict[str, LiteralString] = {
     "complete_all": (
         "select {schema}.complete_all(%s::bigint[], %s::uuid[], %s::jsonb[])"
     ),
-    # The worker's batch of failures: (id, new state) of those whose lease it
-    # still held; a missing id lost its lease.
+    # The worker's batch of failures: (id, token, new state) of those whose
+    # lease it still held; a missing one lost its lease.
     "fail_many": (
-        "select id, state::text from {schema}.fail_many("
+        "select id, token, state::text from {schema}.fail_many("
         "%s::bigint[], %s::uuid[], %s::jsonb[], %s::float8[])"
     ),
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",

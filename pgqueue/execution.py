@@ -40,6 +40,10 @@ from pgqueue.txbatch import BatchItem, TxBatcher
 _DEFAULT_RETRY = ExponentialBackoff()
 FLUSH_MAX = 2000  # completions per statement
 FAIL_FLUSH_MAX = 500  # failures per statement (each carries a traceback)
+FAIL_TRIES = 3  # writes of one failure before it is left to lease expiry
+MAX_RETRY_DELAY = 100 * 366 * 86400.0  # seconds, as far as enqueue schedules
+_MAX_ERROR_CHARS = 2000
+_MAX_TRACEBACK_CHARS = 8000
 _BIG_INT = 10**18  # smaller ints skip the JSON encoder (a result of 1 is common)
 
 
@@ -132,6 +136,26 @@ class Failure:
     error: str  # "Kind: message", for the log
     payload: str  # the error history entry, JSON
     delay: float  # seconds until the retry, if attempts remain
+    tries: int = 0  # writes that failed; after FAIL_TRIES the reaper counts it
+
+
+def _storable(text: str, limit: int) -> str:
+    """``text`` as jsonb can hold it: its last ``limit`` characters, no NUL, and
+    lone surrogates (which UTF-8 cannot encode) written as escapes."""
+    text = text[-limit:].replace("\x00", "")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bounded_delay(delay: object) -> float:
+    """A retry delay the database takes: a number of seconds from 0 to
+    MAX_RETRY_DELAY (a delay that is no number, or NaN, is 0)."""
+    try:
+        seconds = float(delay)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    if not seconds >= 0:  # negative or NaN
+        return 0.0
+    return min(seconds, MAX_RETRY_DELAY)
 
 
 def _set_completing(attempt: Attempt, value: bool) -> None:
@@ -429,22 +453,31 @@ class JobExecution:
         attempt.failing = True  # from here on the row may leave (heartbeat)
         number = job.attempts + 1
         if isinstance(exc, Retry) and exc.after is not None:
-            delay = exc.after
+            delay = _bounded_delay(exc.after)
         else:
-            delay = (task.retry if task else _DEFAULT_RETRY).delay(number)
+            delay = _bounded_delay(
+                (task.retry if task else _DEFAULT_RETRY).delay(number)
+            )
+        kind = type(exc).__name__
+        message = _storable(f"{kind}: {exc}", _MAX_ERROR_CHARS)
         error = {
-            "error": f"{type(exc).__name__}: {exc}",
-            "kind": type(exc).__name__,
-            "traceback": tracebacks.format_exception(exc)[-8000:].replace("\x00", ""),
+            "error": message,
+            "kind": kind,
+            "traceback": _storable(
+                tracebacks.format_exception(exc), _MAX_TRACEBACK_CHARS
+            ),
         }
         payload = serialization.dumps(error, what="error")
         assert self._flush is not None
-        self._failed.append(Failure(attempt, error["error"], payload, delay))
+        self._failed.append(Failure(attempt, message, payload, delay))
         self._flush.set()
 
-    async def _write_failures(self, batch: Sequence[Failure]) -> bool:
+    async def _write_failures(
+        self, batch: Sequence[Failure], *, quiet: bool = False
+    ) -> bool:
         """Record a batch of failures in one statement; False if it failed (the
-        flusher keeps them and tries again)."""
+        flusher keeps them and tries again, see worker._flush_failures). Quiet:
+        no warning when it fails (the flusher warns when it gives one up)."""
         try:
             rows = await self._fetch(
                 self._stmts.fail_many,
@@ -456,12 +489,14 @@ class JobExecution:
                 ],
             )
         except Exception as exc:
-            self._log.warning("fail_not_recorded", error=repr(exc), jobs=len(batch))
+            if not quiet:
+                self._log.warning("fail_not_recorded", error=repr(exc), jobs=len(batch))
             return False
-        states = dict(rows)
+        # By (id, token): a job reaped and leased again may have two failures here.
+        states = {(job_id, token): state for job_id, token, state in rows}
         for failure in batch:
             attempt = failure.attempt
-            state = states.get(attempt.job.id)
+            state = states.get((attempt.job.id, attempt.job.lease_token))
             if state is None:
                 self._lease_was_lost(attempt)
                 continue

@@ -25,14 +25,15 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 def format_exception(exc: BaseException) -> str:
     """``traceback.format_exception(exc)`` as one string, without the ``^``
     marks under each frame's line."""
-    if _GROUP is not None and isinstance(exc, _GROUP):
-        return "".join(traceback.format_exception(exc))  # rare: the full layout
     # Newest first, each with the sentence that leads to the one after it.
     chain: list[tuple[BaseException, str]] = []
     seen: set[int] = set()
     current: BaseException | None = exc
     lead = ""
     while current is not None and id(current) not in seen:
+        if _GROUP is not None and isinstance(current, _GROUP):
+            # Rare, and laid out as a tree: Python's own formatter, marks and all.
+            return "".join(traceback.format_exception(exc))
         seen.add(id(current))
         chain.append((current, lead))
         if current.__cause__ is not None:

@@ -42,6 +42,7 @@ from pgqueue.errors import (
 )
 from pgqueue.execution import (
     FAIL_FLUSH_MAX,
+    FAIL_TRIES,
     FLUSH_MAX,
     Attempt,
     Counters,
@@ -467,14 +468,40 @@ class Worker(JobExecution):
                 if await self._write_completions(done):
                     continue
                 self._done[:0] = done
-            else:
-                failed = self._failed[:FAIL_FLUSH_MAX]
-                self._failed = self._failed[FAIL_FLUSH_MAX:]
-                if await self._write_failures(failed):
-                    continue
-                self._failed[:0] = failed
+            elif await self._flush_failures():
+                continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _flush_failures(self) -> bool:
+        """Write the oldest failures; False if some are left to try again.
+
+        They stay in ``_failed`` until written, so the heartbeat keeps their
+        leases and an until-empty worker does not stop before a retry it just
+        scheduled. A batch that fails is written again one failure at a time,
+        so one that cannot be written does not hold up the others; a failure
+        whose write failed FAIL_TRIES times is given up, and its lease expires
+        (reap then counts the attempt), as before failures were batched.
+        """
+        batch = self._failed[:FAIL_FLUSH_MAX]
+        if await self._write_failures(batch):
+            del self._failed[: len(batch)]
+            return True
+        left = []
+        for failure in batch:
+            if len(batch) > 1 and await self._write_failures([failure], quiet=True):
+                continue
+            failure.tries += 1
+            if failure.tries < FAIL_TRIES:
+                left.append(failure)
+            else:
+                self._log.warning(
+                    "fail_given_up",
+                    job_id=failure.attempt.job.id,
+                    detail="not recorded; the lease expires and reap counts it",
+                )
+        self._failed[: len(batch)] = left
+        return False
 
     async def _write_completions(self, batch: list[tuple[Attempt, str | None]]) -> bool:
         """Complete a batch in one statement; False if it failed (the flusher
@@ -606,7 +633,9 @@ class Worker(JobExecution):
         if left or unstarted:
             for attempt in left:
                 attempt.abandoned = True
-            back = [a.job for a in left] + unstarted
+            # A timed-out attempt whose thread still runs has its failure in
+            # _failed: the final flush records it, with the attempt counted.
+            back = [a.job for a in left if not a.failing] + unstarted
             try:
                 rows = await self._fetch(
                     self._stmts.hand_back,

@@ -9,14 +9,15 @@
 --
 -- Each job goes through _fail_locked, as in fail and reap, so the rules of a
 -- failed attempt (attempts, backoff, error history, dead) stay in one place.
--- Rows are locked in id order, the order heartbeat locks them in.
+-- Rows are locked in id order, so two calls never wait on each other in a
+-- cycle (heartbeat and reap skip locked rows).
 
 create function :pgqueue_schema.fail_many(
     p_ids          bigint[],
     p_tokens       uuid[],
     p_errors       jsonb[],
     p_retry_delays double precision[]
-) returns table (id bigint, state :pgqueue_schema.job_state)
+) returns table (id bigint, token uuid, state :pgqueue_schema.job_state)
 language plpgsql
 set jit = off  -- see 0002
 as $$
@@ -33,16 +34,20 @@ begin
     for v_failed in
         select j as job, t.error, t.delay
           from :pgqueue_schema.jobs j
-          join (select distinct on (u.id) u.id, u.token, u.error, u.delay
+          -- An id given twice (a worker's job reaped and leased again while
+          -- its first failure waited) is one job: at most one of its tokens
+          -- is the row's.
+          join (select distinct on (u.id, u.token) u.id, u.token, u.error, u.delay
                   from unnest(p_ids, p_tokens, p_errors, p_retry_delays)
                        as u(id, token, error, delay)
-                 order by u.id) t
+                 order by u.id, u.token) t
             on j.id = t.id and j.lease_token = t.token
          where j.id = any(p_ids)
          order by j.id
            for update of j
     loop
         id := (v_failed.job).id;
+        token := (v_failed.job).lease_token;
         state := :pgqueue_schema._fail_locked(v_failed.job, v_failed.error,
                                               v_failed.delay);
         return next;
@@ -53,7 +58,7 @@ comment on function :pgqueue_schema.fail_many(
     bigint[], uuid[], jsonb[], double precision[]) is
     'Record failed attempts (fenced by lease token, as fail does for one): each '
     'job is queued again after its delay while attempts remain, else dead. '
-    'Returns (id, new state) of the jobs whose lease was still held.';
+    'Returns (id, token, new state) of the jobs whose lease was still held.';
 
 revoke execute on function :pgqueue_schema.fail_many(
     bigint[], uuid[], jsonb[], double precision[]) from public;

@@ -496,6 +496,77 @@ def test_until_empty_returns_after_the_last_completion_not_at_the_next_poll(
     assert worker.counters.succeeded == 10
 
 
+def test_until_empty_runs_a_retry_it_scheduled_for_now(dsn: str, conn: Conn) -> None:
+    """A failure is buffered and written by the flusher: while that write is on
+    its way the worker has nothing running, yet it must not stop before the
+    retry it is scheduling (Retry(after=0)) has run."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def once_more(ctx: pgqueue.JobContext) -> None:
+        if ctx.job.attempts == 0:
+            raise pgqueue.Retry("again at once", after=0)
+
+    job_id = once_more.enqueue(conn)
+    worker = pgqueue.Worker(
+        app, until_empty=True, handle_signals=False, poll_interval=3600
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        worker.stop()
+        thread.join(timeout=30)
+        pytest.fail("the --until-empty worker waited for its poll interval")
+    assert conn.execute(
+        "select state::text, attempts from pgqueue.jobs_overview where id = %s",
+        [job_id],
+    ).fetchone() == ("succeeded", 1)
+
+
+def test_failures_the_database_cannot_store_as_given_are_recorded_and_hold_up_none(
+    dsn: str, conn: Conn
+) -> None:
+    """A message with a lone surrogate (no UTF-8 for it), a retry delay no
+    timestamp can hold, and an ordinary failure, written in one batch: each is
+    recorded (the text escaped, the delay capped), and the worker stops."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False, max_attempts=1)
+    async def unencodable(ctx: pgqueue.JobContext) -> None:
+        raise ValueError("half a pair: \ud800")
+
+    @app.task(transactional=False, max_attempts=2)
+    async def forever(ctx: pgqueue.JobContext) -> None:
+        raise pgqueue.Retry("in a very long time", after=float("inf"))
+
+    @app.task(transactional=False, max_attempts=1)
+    async def plain(ctx: pgqueue.JobContext) -> None:
+        raise RuntimeError("plain")
+
+    ids = [unencodable.enqueue(conn), forever.enqueue(conn), plain.enqueue(conn)]
+    worker = pgqueue.Worker(app, until_empty=True, handle_signals=False)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        worker.stop()
+        thread.join(timeout=30)
+        pytest.fail("the worker did not stop")
+    rows = conn.execute(
+        "select task, state::text, attempts, errors -> 0 ->> 'error',"
+        " run_at > now() + interval '99 years'"
+        " from pgqueue.jobs_overview where id = any(%s) order by id",
+        [ids],
+    ).fetchall()
+    assert rows == [
+        ("unencodable", "dead", 1, "ValueError: half a pair: \\ud800", None),
+        ("forever", "queued", 1, "Retry: in a very long time", True),
+        ("plain", "dead", 1, "RuntimeError: plain", None),
+    ]
+    assert worker.counters.failed == 3
+
+
 def test_tx_batch_rolls_back_only_the_failing_job(dsn: str, business: Conn) -> None:
     """Jobs sharing a transaction (savepoints): a failure or a lost lease undoes
     only that job's writes; the others commit with their completions."""

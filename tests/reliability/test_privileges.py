@@ -207,6 +207,12 @@ create function hostile.trap_ii(integer, integer) returns boolean language plpgs
     as $$ begin raise exception 'hijacked: % and %', $1, $2; end $$;
 create operator hostile.= (leftarg = text, rightarg = text, function = hostile.trap_tt);
 create operator hostile.~ (leftarg = text, rightarg = text, function = hostile.trap_tt);
+create function hostile.trap_bb(bigint, bigint) returns boolean language plpgsql
+    as $$ begin raise exception 'hijacked: % and %', $1, $2; end $$;
+create function hostile.trap_minus(integer) returns integer language plpgsql
+    as $$ begin raise exception 'hijacked: -%', $1; end $$;
+create operator hostile.= (leftarg = bigint, rightarg = bigint, function = hostile.trap_bb);
+create operator hostile.- (rightarg = integer, function = hostile.trap_minus);
 create operator hostile.>= (leftarg = integer, rightarg = integer,
                             function = hostile.trap_ii);
 create operator hostile.<= (leftarg = integer, rightarg = integer,
@@ -241,10 +247,27 @@ def test_enqueue_ignores_the_callers_search_path(
             psycopg.connect(roles["owner"], autocommit=True) as listener,
         ):
             listener.execute("listen priv")
-            producer.execute("set search_path = hostile, pg_catalog")
+            # Once under the usual path first, so that cached plans exist.
+            assert producer.execute("select priv.enqueue('t', '{}', 'warm')").fetchone()
+            # Tables of the same names first in the path, one of them saying
+            # that q1 is quiet: the functions must not read them.
+            producer.execute(
+                "create temp table queues (name text, paused boolean, notify boolean);"
+                " insert into queues values ('q1', false, false);"
+                " create temp table jobs (id bigint, queue text, task text, args jsonb,"
+                " priority smallint, run_at timestamptz, max_attempts int,"
+                " idempotency_key text);"
+                " create temp table idempotency_keys (queue text, key text,"
+                " job_id bigint)"
+            )
+            producer.execute("set search_path = pg_temp, hostile, pg_catalog")
             # The trap works: an unqualified comparison reaches it.
-            with pytest.raises(psycopg.errors.RaiseException, match="hijacked"):
-                producer.execute("select 'a'::text = 'a'::text")
+            for trap in (
+                "select 'a'::text = 'a'::text",
+                "select 1::bigint = 1::bigint",
+            ):
+                with pytest.raises(psycopg.errors.RaiseException, match="hijacked"):
+                    producer.execute(trap)
             first = producer.execute(
                 "select priv.enqueue('t', '{}', 'q1', 5, null, 3)"
             ).fetchone()
@@ -268,9 +291,11 @@ def test_enqueue_ignores_the_callers_search_path(
             # Two notifications for q1 (the repeated key sends none), none for
             # the quiet queue.
             notified = [n.payload for n in listener.notifies(timeout=1)]
+            assert notified[:1] == ["warm"]
+            notified = notified[1:]
             rows = listener.execute(
                 "select id, queue, priority, max_attempts, run_at > now(),"
-                " idempotency_key from priv.jobs order by id"
+                " idempotency_key from priv.jobs where queue <> 'warm' order by id"
             ).fetchall()
     finally:
         conn.execute("drop schema hostile cascade")

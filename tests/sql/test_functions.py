@@ -529,6 +529,32 @@ def test_fail_many_requeues_or_buries_each_job_and_skips_lost_leases(
     assert state(conn, lost) == "running"
 
 
+@pytest.mark.parametrize("stale_first", [True, False])
+def test_fail_many_finds_the_current_token_among_two_for_one_job(
+    conn: Conn, stale_first: bool
+) -> None:
+    """A worker may hold two failures of one job: one from before the job was
+    reaped and leased again (its token stale), one current."""
+    job_id = enqueue(conn)
+    [(_, token, _)] = lease(conn)
+    pairs = [(uuid.uuid4(), '{"error": "stale"}'), (token, '{"error": "current"}')]
+    if not stale_first:
+        pairs.reverse()
+    rows = conn.execute(
+        "select id, token, state::text from pgqueue.fail_many(%s, %s, %s::jsonb[], %s)",
+        [[job_id, job_id], [t for t, _ in pairs], [e for _, e in pairs], [0.0, 0.0]],
+    ).fetchall()
+    assert rows == [(job_id, token, "queued")]
+    assert (
+        one(
+            conn,
+            "select errors -> 0 ->> 'error' from pgqueue.jobs where id = %s",
+            [job_id],
+        )
+        == "current"
+    )
+
+
 def test_fail_many_refuses_arrays_of_different_lengths(conn: Conn) -> None:
     job_id = enqueue(conn)
     [(_, token, _)] = lease(conn)

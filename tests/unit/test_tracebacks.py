@@ -67,11 +67,19 @@ def test_an_exception_never_raised_has_no_traceback_lines() -> None:
 GROUP = getattr(builtins, "ExceptionGroup", None)
 
 
-@pytest.mark.skipif(GROUP is None, reason="exception groups: Python 3.11+")
-def test_exception_groups_keep_pythons_full_layout() -> None:
+def _group_failure(where: str) -> BaseException:
     assert GROUP is not None
-    with pytest.raises(GROUP) as raised:
-        raise GROUP("several", [ValueError("a"), KeyError("b")])
-    exc = raised.value
-    assert format_exception(exc) == "".join(traceback.format_exception(exc))
-    assert "ValueError: a" in format_exception(exc)
+    group = GROUP("several", [ValueError("inner a"), KeyError("inner b")])
+    try:
+        if where == "raised":
+            raise group
+        raise RuntimeError("the task group failed") from group
+    except BaseException as exc:
+        return exc
+
+
+@pytest.mark.skipif(GROUP is None, reason="exception groups: Python 3.11+")
+@pytest.mark.parametrize("where", ["raised", "cause"])
+def test_exception_groups_show_every_exception_inside(where: str) -> None:
+    text = format_exception(_group_failure(where))
+    assert "ValueError: inner a" in text and "KeyError: 'inner b'" in text
