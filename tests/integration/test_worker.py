@@ -15,7 +15,7 @@ import structlog.testing
 import pgqueue
 from pgqueue.retry import ExponentialBackoff
 
-from .worker_helpers import reap_now, running_worker, wait_until
+from .worker_helpers import reap_now, run_until_empty, running_worker, wait_until
 
 Conn = psycopg.Connection[Any]
 FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
@@ -483,16 +483,7 @@ def test_until_empty_returns_after_the_last_completion_not_at_the_next_poll(
         pass
 
     noop.enqueue_many(conn, [{}] * 10)
-    worker = pgqueue.Worker(
-        app, until_empty=True, handle_signals=False, concurrency=50, poll_interval=3600
-    )
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(timeout=30)
-        pytest.fail("the --until-empty worker waited for its poll interval")
+    worker = run_until_empty(app, concurrency=50, poll_interval=3600)
     assert worker.counters.succeeded == 10
 
 
@@ -508,16 +499,7 @@ def test_until_empty_runs_a_retry_it_scheduled_for_now(dsn: str, conn: Conn) -> 
             raise pgqueue.Retry("again at once", after=0)
 
     job_id = once_more.enqueue(conn)
-    worker = pgqueue.Worker(
-        app, until_empty=True, handle_signals=False, poll_interval=3600
-    )
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(timeout=30)
-        pytest.fail("the --until-empty worker waited for its poll interval")
+    run_until_empty(app, poll_interval=3600)
     assert conn.execute(
         "select state::text, attempts from pgqueue.jobs_overview where id = %s",
         [job_id],
@@ -545,14 +527,7 @@ def test_failures_the_database_cannot_store_as_given_are_recorded_and_hold_up_no
         raise RuntimeError("plain")
 
     ids = [unencodable.enqueue(conn), forever.enqueue(conn), plain.enqueue(conn)]
-    worker = pgqueue.Worker(app, until_empty=True, handle_signals=False)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(timeout=30)
-        pytest.fail("the worker did not stop")
+    worker = run_until_empty(app)
     rows = conn.execute(
         "select task, state::text, attempts, errors -> 0 ->> 'error',"
         " run_at > now() + interval '99 years'"

@@ -13,7 +13,12 @@ import pgqueue
 
 from ..waiting import wait_until
 
-__all__ = ["reap_now", "running_worker", "wait_until"]  # tests import from here
+__all__ = [
+    "reap_now",
+    "run_until_empty",
+    "running_worker",
+    "wait_until",
+]  # tests import from here
 
 
 @contextmanager
@@ -56,3 +61,19 @@ def reap_now(dsn: str, job_id: int, *, due_now: bool = False) -> None:
             other.execute(
                 "update pgqueue.jobs set run_at = now() where id = %s", [job_id]
             )
+
+
+def run_until_empty(app: pgqueue.App, **options: Any) -> pgqueue.Worker:
+    """Run an until-empty worker to its end; fail the test if it has not
+    returned within a minute (stopping it first)."""
+    import pytest
+
+    worker = pgqueue.Worker(app, until_empty=True, handle_signals=False, **options)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        worker.stop()
+        thread.join(timeout=30)
+        pytest.fail("the --until-empty worker did not return within a minute")
+    return worker
