@@ -219,14 +219,20 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
                 conn.execute("vacuum analyze jobs")
         return dsn
 
-    res["insert_one"] = pgbench(fresh(), SCRIPTS["insert_one"], 1, n)
+    # Medians of `repeat` runs, as the systems' enqueue rates are.
+    res["insert_one"] = statistics.median(
+        pgbench(fresh(), SCRIPTS["insert_one"], 1, n) for _ in range(repeat)
+    )
     # Context, not a ceiling: the same INSERT sent by psycopg, the driver every
     # Python queue here uses, shows what the client alone costs per job.
-    res["insert_one_psycopg"] = psycopg_inserts(fresh(), n)
+    res["insert_one_psycopg"] = statistics.median(
+        psycopg_inserts(fresh(), n) for _ in range(repeat)
+    )
     # Many producers at once (pgqueue's `producers` workload: 8 connections).
     res["insert_one_8c"] = pgbench(fresh(), SCRIPTS["insert_one"], 8, n // 8)
-    res["insert_bulk"] = (
+    res["insert_bulk"] = statistics.median(
         pgbench(fresh(), SCRIPTS["insert_bulk"], 1, max(1, n // 1000)) * 1000
+        for _ in range(repeat)
     )
     for clients in (1, 2, 8):
         res[f"take_one_{clients}c"] = pgbench(
@@ -391,10 +397,17 @@ def measure(
     server: str, system: str, n: int, drain_n: dict[str, int], repeat: int
 ) -> dict[str, float]:
     name = f"pqbench_{system}"
-    dsn = fresh_db(server, name)
-    peer(system, "setup", dsn, "-")
-    res: dict[str, float] = dict(peer(system, "enqueue", dsn, str(n)))
-    drop_db(server, name)
+    # Enqueue rates move +-12 % from one 20,000-job run to the next on this
+    # machine: the median of `repeat` runs, each in a fresh database.
+    runs = []
+    for _ in range(repeat):
+        dsn = fresh_db(server, name)
+        peer(system, "setup", dsn, "-")
+        runs.append(peer(system, "enqueue", dsn, str(n)))
+        drop_db(server, name)
+    res: dict[str, float] = {
+        key: statistics.median(run[key] for run in runs) for key in runs[0]
+    }
     size = drain_n.get(system, n)
     for processes in (1, 2):
         res.update(drain_figures(server, system, size, processes, repeat))
