@@ -2386,8 +2386,9 @@ begin;
 -- written the same way. This is PostgreSQL's other documented way to write a
 -- SECURITY DEFINER function safely ("schema-qualify every reference");
 -- tests/reliability/test_privileges.py calls enqueue as a producer whose
--- search_path puts a schema of raising look-alikes (=, >=, <=, ~, length,
--- now, nextval, pg_notify) before pg_catalog, and fails if any is called.
+-- search_path puts temp tables named like pgqueue's and a schema of raising
+-- look-alikes (=, >=, <=, ~, unary -, length, now, nextval, pg_notify) before
+-- pg_catalog, and fails if any is reached.
 -- enqueue_many and the other definer functions keep the pinned search_path:
 -- they run once per batch, where the switch costs nothing measurable.
 --
