@@ -284,6 +284,10 @@ class Worker(JobExecution):
         self._stopping = True
         self._wake_up()
 
+    def _all_written(self) -> bool:
+        """Nothing leased is running, waiting or still to be written."""
+        return not (self._running or self._ready or self._done or self._failed)
+
     def _free(self) -> int:
         return self.concurrency + self.prefetch - len(self._running) - len(self._ready)
 
@@ -314,9 +318,7 @@ class Worker(JobExecution):
                             or not (self._running or self._ready)
                         )
                     ):
-                        if self.until_empty and not (
-                            self._running or self._ready or self._done or self._failed
-                        ):
+                        if self.until_empty and self._all_written():
                             # Everything leased has finished and is written: one
                             # more look, and the lease exits if nothing is due.
                             self._due = True
@@ -345,9 +347,7 @@ class Worker(JobExecution):
                 if len(rows) < limit:
                     if self._notified == notified:
                         self._due = False
-                    if self.until_empty and not (
-                        self._running or self._ready or self._done or self._failed
-                    ):
+                    if self.until_empty and self._all_written():
                         return
                     await self._plan_next_due()
         finally:
