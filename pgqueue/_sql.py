@@ -76,6 +76,9 @@ _TEMPLATES: dict[str, LiteralString] = {
         "%s::bigint[], %s::uuid[], %s::jsonb[], %s::float8[])"
     ),
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
+    # The listening locks of an idle worker's lease connection (0016).
+    "start_listening": "select {schema}.start_listening()",
+    "stop_listening": "select {schema}.stop_listening()",
     "reap": "select id, state from {schema}.reap(%s)",
     "hand_back": "select {schema}.hand_back(%s::bigint[], %s::uuid[])",
     "next_run_at": (
@@ -154,6 +157,8 @@ class Statements:
     complete_all: str
     fail_many: str
     heartbeat: str
+    start_listening: str
+    stop_listening: str
     reap: str
     hand_back: str
     next_run_at: str

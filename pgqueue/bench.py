@@ -234,16 +234,23 @@ def _produce(dsn: str, queue: str, share: int) -> float:
 
 def bench_producers(dsn: str, n: int, out: Results) -> None:
     """Single enqueues from PRODUCERS concurrent connections (as many web
-    processes would), into a queue that NOTIFYs and into a quiet one. Checks
-    that every job arrived in its queue, and that only the first queue's
-    enqueues sent notifications."""
+    processes would): while a worker waits, so each enqueue NOTIFYs; while no
+    worker waits (all busy), so none does (0016); and into a quiet queue.
+    Checks that every job arrived in its queue, and which runs notified."""
     share = n // PRODUCERS
-    for queue, quiet in (("default", False), ("quiet", True)):
+    runs = (
+        ("default", "waiting", "a queue a worker waits on (each enqueue NOTIFYs)"),
+        ("default", "busy", "a queue no worker waits on (no NOTIFY)"),
+        ("quiet", "quiet", "a quiet queue (no NOTIFY)"),
+    )
+    for queue, kind, how in runs:
         _reset(dsn)
         with _connect(dsn) as listener:
-            if quiet:
+            if kind == "quiet":
                 listener.execute(_q("select {schema}.set_queue_notify('quiet', false)"))
             listener.execute(sql.SQL("listen {}").format(sql.Identifier(SCHEMA)))
+            if kind != "busy":  # as a waiting worker does
+                _one(listener, _q("select {schema}.start_listening()"))
             seconds = _produce(dsn, queue, share)
             notified = any(True for _ in listener.notifies(timeout=0.2))
             count = _one(
@@ -253,14 +260,13 @@ def bench_producers(dsn: str, n: int, out: Results) -> None:
             )
         if count != share * PRODUCERS:
             raise RuntimeError(f"producers: {count} jobs, expected {share * PRODUCERS}")
-        if notified == quiet:
-            raise RuntimeError(f"producers: queue {queue!r} notified={notified}")
-        kind = "a quiet queue (no NOTIFY)" if quiet else "a queue that NOTIFYs"
+        if notified != (kind == "waiting"):
+            raise RuntimeError(f"producers ({kind}): notified={notified}")
         out.add(
-            "enqueue_8_producers" + ("_quiet" if quiet else ""),
+            "enqueue_8_producers" + ("" if kind == "waiting" else f"_{kind}"),
             share * PRODUCERS / seconds,
             f"jobs/s, one job per transaction from {PRODUCERS} threads' connections,"
-            f" into {kind}",
+            f" into {how}",
         )
 
 

@@ -60,6 +60,13 @@ from pgqueue.wakeup import Wakeup
 # of them overflows, and every snapshot on the server gets slower.
 MAX_TX_BATCH = 64
 PRUNE_BATCH = 10_000  # finished jobs deleted per prune statement
+# An enqueue NOTIFYs only while some worker holds the listening locks (0016).
+# A worker takes them before it waits, and lets them go after this many full
+# leases in a row (a backlog: it leases again without waiting). While a
+# producer's transaction that sent no NOTIFY keeps them from being taken, the
+# worker leases and tries again, after a pause that grows to LISTEN_RETRY_MAX.
+FULL_LEASES_BEFORE_QUIET = 2
+LISTEN_RETRY_MAX = 0.1
 
 
 class Worker(JobExecution):
@@ -170,6 +177,10 @@ class Worker(JobExecution):
         # The lease loop's own connection: no pool checkout on the path from a
         # NOTIFY to a leased job, and its prepared lease statement stays warm.
         self._lease_conn: psycopg.AsyncConnection[Any] | None = None
+        # The lease connection while it holds the listening locks (0016).
+        self._listening_on: psycopg.AsyncConnection[Any] | None = None
+        self._full_leases = 0  # in a row
+        self._listen_failures = 0  # in a row
         self._flush: asyncio.Event | None = None
         self._flush_lock = asyncio.Lock()
         self._pool: AsyncConnectionPool | None = None
@@ -323,6 +334,9 @@ class Worker(JobExecution):
                             # more look, and the lease exits if nothing is due.
                             self._due = True
                             continue
+                        if self.listen and not self._due and not self._listening():
+                            await self._start_listening()
+                            continue
                         await self._sleep(self._wait_time())
                         if not self._wake.is_set():
                             self._due = True  # the poll interval passed: look again
@@ -338,6 +352,10 @@ class Worker(JobExecution):
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
+                if len(rows) == limit:
+                    self._full_leases += 1
+                else:
+                    self._full_leases = 0
                 if len(rows) == limit and not self._stopping:
                     self._lease_ahead(len(rows))
                 self._ready.extend(self._jobs(rows))
@@ -394,9 +412,58 @@ class Worker(JobExecution):
         await self._wake.wait(seconds)
 
     async def _lease_rows(self, limit: int) -> list[tuple[Any, ...]]:
+        if self._full_leases >= FULL_LEASES_BEFORE_QUIET and self._listening():
+            await self._stop_listening()
         return await self._fetch_leasing(
             self._stmts.lease, [self.queues, limit, self.worker_id, self.lease_seconds]
         )
+
+    # -- the listening locks (sql/migrations/0016) --------------------------------
+
+    def _listening(self) -> bool:
+        """True while the lease connection holds the listening locks (a new
+        connection holds none)."""
+        conn = self._listening_on
+        return (
+            conn is not None
+            and conn is self._lease_conn
+            and not conn.closed
+            and not conn.broken
+        )
+
+    async def _start_listening(self) -> None:
+        """Take the listening locks before waiting, then look once more.
+
+        Once they are held, every enqueue NOTIFYs; an enqueue that did not has
+        committed (start_listening waited for it), and the lease that follows
+        sees its job. When a producer's transaction stays open, the lease
+        runs anyway and this is tried again after a pause.
+        """
+        try:
+            rows = await self._fetch_leasing(self._stmts.start_listening, [])
+            taken = bool(rows and rows[0][0])
+        except Exception as exc:
+            self._log.warning("start_listening_failed", error=repr(exc))
+            taken = False
+        if taken:
+            self._listening_on = self._lease_conn
+            self._listen_failures = 0
+        else:
+            self._listen_failures += 1
+            await self._sleep(
+                min(LISTEN_RETRY_MAX, 0.005 * 2 ** min(self._listen_failures, 5))
+            )
+        self._due = True
+
+    async def _stop_listening(self) -> None:
+        """Let the listening locks go: a backlog, enqueues need not NOTIFY."""
+        self._listening_on = None
+        try:
+            await self._fetch_leasing(self._stmts.stop_listening, [])
+        except Exception as exc:
+            # Still held, perhaps: enqueues NOTIFY needlessly until the
+            # connection is replaced, which is harmless.
+            self._log.warning("stop_listening_failed", error=repr(exc))
 
     def _jobs(self, rows: list[tuple[Any, ...]]) -> list[Job]:
         self.counters.lease_calls += 1

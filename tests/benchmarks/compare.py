@@ -435,6 +435,7 @@ CEILING = {
     "enqueue_one": "insert_one",
     "enqueue_bulk": "insert_bulk",
     "enqueue_8_producers": "insert_one_8c",
+    "enqueue_8_producers_busy": "insert_one_8c",
     "enqueue_8_producers_quiet": "insert_one_8c",
     "drain_1proc": "take_batch_1c",
     "drain_2proc": "take_batch_2c",

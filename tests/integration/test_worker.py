@@ -785,3 +785,73 @@ def test_a_worker_without_retention_prunes_nothing(dsn: str, conn: Conn) -> None
 def test_a_worker_refuses_a_negative_retention(dsn: str) -> None:
     with pytest.raises(pgqueue.errors.ConfigurationError, match="retention"):
         pgqueue.Worker(pgqueue.App(dsn), retention=timedelta(hours=-1))
+
+
+def _listening_locks(conn: Conn) -> int:
+    """Listening locks held in this database (0016): 16 per waiting worker."""
+    row = conn.execute(
+        "select count(*) from pg_locks where locktype = 'advisory'"
+        " and classid = 1885827446 and objsubid = 2 and granted and mode = 'ShareLock'"
+        " and database = (select oid from pg_database"
+        " where datname = current_database())"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_waiting_worker_holds_the_listening_locks_and_a_busy_one_lets_go(
+    dsn: str, conn: Conn
+) -> None:
+    """Enqueues NOTIFY only while a worker waits: it takes the listening locks
+    before it waits, lets them go while full leases show a backlog, and takes
+    them again when the queue runs dry."""
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def slow(ctx: pgqueue.JobContext) -> None:
+        await asyncio.sleep(0.02)
+        ran.append(ctx.job.id)
+
+    with running_worker(app, concurrency=1, prefetch=0, poll_interval=60):
+        wait_until(lambda: _listening_locks(conn) == 16)
+        ids = slow.enqueue_many(conn, [{}] * 40)
+        wait_until(lambda: _listening_locks(conn) == 0, every=0.005)
+        assert len(ran) < len(ids)
+        wait_until(lambda: len(ran) == len(ids))
+        wait_until(lambda: _listening_locks(conn) == 16)
+
+
+def test_a_job_whose_enqueue_sent_no_notify_runs_without_waiting_for_the_poll(
+    dsn: str, conn: Conn
+) -> None:
+    """The lost wake-up that the listening locks rule out: a producer enqueues
+    while the worker is busy (no NOTIFY) and keeps its transaction open while
+    the worker runs dry. The worker cannot start waiting until that
+    transaction ends, so the job runs soon after the commit, not at the next
+    poll (a minute here)."""
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def slow(ctx: pgqueue.JobContext) -> None:
+        await asyncio.sleep(0.02)
+        ran.append(ctx.job.id)
+
+    with (
+        running_worker(app, concurrency=1, prefetch=0, poll_interval=60),
+        psycopg.connect(dsn) as producer,
+    ):
+        wait_until(lambda: _listening_locks(conn) == 16)
+        backlog = slow.enqueue_many(conn, [{}] * 20)
+        wait_until(lambda: _listening_locks(conn) == 0, every=0.005)
+        late = slow.enqueue(producer)  # no worker waits: no NOTIFY
+        wait_until(lambda: len(ran) == len(backlog))
+        time.sleep(0.3)
+        assert _listening_locks(conn) == 0  # the open transaction holds it off
+        assert late not in ran
+        producer.commit()
+        committed = time.monotonic()
+        wait_until(lambda: late in ran, timeout=10)
+        assert time.monotonic() - committed < 5
+        wait_until(lambda: _listening_locks(conn) == 16)

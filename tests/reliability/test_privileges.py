@@ -225,6 +225,18 @@ create function hostile.nextval(regclass) returns bigint language plpgsql
     as $$ begin raise exception 'hijacked: nextval'; end $$;
 create function hostile.pg_notify(text, text) returns void language plpgsql
     as $$ begin raise exception 'hijacked: pg_notify'; end $$;
+create function hostile.pg_try_advisory_xact_lock(integer, integer) returns boolean
+    language plpgsql as $$ begin raise exception 'hijacked: try lock'; end $$;
+create function hostile.hashtext(text) returns integer language plpgsql
+    as $$ begin raise exception 'hijacked: hashtext'; end $$;
+create function hostile.pg_backend_pid() returns integer language plpgsql
+    as $$ begin raise exception 'hijacked: pg_backend_pid'; end $$;
+create function hostile.trap_int(integer, integer) returns integer language plpgsql
+    as $$ begin raise exception 'hijacked: % and %', $1, $2; end $$;
+create operator hostile.% (leftarg = integer, rightarg = integer,
+                           function = hostile.trap_int);
+create operator hostile.# (leftarg = integer, rightarg = integer,
+                           function = hostile.trap_int);
 """
 
 
@@ -247,6 +259,9 @@ def test_enqueue_ignores_the_callers_search_path(
             psycopg.connect(roles["owner"], autocommit=True) as listener,
         ):
             listener.execute("listen priv")
+            assert listener.execute("select priv.start_listening()").fetchone() == (
+                True,
+            )
             # Once under the usual path first, so that cached plans exist.
             assert producer.execute("select priv.enqueue('t', '{}', 'warm')").fetchone()
             # Tables of the same names first in the path, one of them saying

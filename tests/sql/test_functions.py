@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from pgqueue import _sql
+from tests.waiting import wait_until
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
@@ -46,6 +47,13 @@ def lease(conn: Conn, n: int = 1, queues: list[str] | None = None, secs: float =
         "select id, lease_token, attempts from pgqueue.lease(%s, %s, 'w', %s)",
         [queues or ["default"], n, secs],
     ).fetchall()
+
+
+def listen(conn: Conn) -> None:
+    """LISTEN as a worker does: enqueues NOTIFY while a session holds the
+    listening locks (0016)."""
+    conn.execute("listen pgqueue")
+    assert one(conn, "select pgqueue.start_listening()")
 
 
 def state(conn: Conn, job_id: int) -> str:
@@ -387,6 +395,7 @@ def test_a_paused_queue_is_not_leased_until_resumed_which_wakes_workers(
         "select queue, queued, running, paused from pgqueue.queue_depth order by 1"
     ).fetchall() == [("held", 1, 0, True), ("other", 0, 1, False)]
     conn.execute("listen pgqueue")
+    assert one(conn, "select pgqueue.start_listening()")
     conn.execute("select pgqueue.resume_queue('held')")
     woken = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
     assert woken == ["held"]
@@ -602,7 +611,7 @@ def test_reap_wakes_the_queues_it_requeued_into_without_reading_them(
     lease(conn, 2, ["crashed"], secs=0.001)
     conn.execute("select pg_sleep(0.01)")
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("listen pgqueue")
+        listen(listener)
         reaped, scanned, _ = _reading(
             conn,
             "pgqueue.jobs",
@@ -933,7 +942,7 @@ def test_enqueue_with_a_key_notifies_once_and_an_existing_key_not(
     conn: Conn, dsn: str
 ) -> None:
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("listen pgqueue")
+        listen(listener)
         first = enqueue(conn, key="k")
         assert [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)] == [
             "default"
@@ -956,7 +965,7 @@ def test_enqueue_many_takes_null_queue_and_attempts_as_defaults(conn: Conn) -> N
 
 def test_notify_once_per_statement_and_only_on_commit(conn: Conn, dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("listen pgqueue")
+        listen(listener)
         with conn.transaction(force_rollback=True):
             enqueue(conn)
         assert list(listener.notifies(timeout=0.2)) == []
@@ -976,7 +985,7 @@ def test_a_quiet_queue_enqueues_without_notify(conn: Conn, dsn: str) -> None:
     true undoes it."""
     conn.execute("select pgqueue.set_queue_notify('quiet', false)")
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("listen pgqueue")
+        listen(listener)
         enqueue(conn, queue="quiet")
         enqueue(conn, queue="quiet", key="k")
         conn.execute(
@@ -1011,3 +1020,71 @@ def test_views_report_depth_running_and_dead(conn: Conn) -> None:
     ).fetchone()
     assert row == (1, 1, 1, 0, 1)
     assert one(conn, "select count(*) from pgqueue.running_jobs") == 1
+
+
+def _listening_locks(conn: Conn, pid: int) -> int:
+    return one(
+        conn,
+        "select count(*) from pg_locks where locktype = 'advisory'"
+        " and classid = 1885827446 and objsubid = 2 and pid = %s and granted",
+        [pid],
+    )
+
+
+def test_enqueues_notify_only_while_a_session_holds_the_listening_locks(
+    conn: Conn, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("listen pgqueue")
+        enqueue(conn)
+        conn.execute("select pgqueue._notify(array['default'])")
+        assert list(listener.notifies(timeout=0.3)) == []
+        assert one(listener, "select pgqueue.start_listening()")
+        assert _listening_locks(conn, listener.info.backend_pid) == 16
+        enqueue(conn, key="k")
+        conn.execute("select pgqueue._notify(array['bulk'])")
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == [
+            "default",
+            "bulk",
+        ]
+        listener.execute("select pgqueue.stop_listening()")
+        assert _listening_locks(conn, listener.info.backend_pid) == 0
+        enqueue(conn)
+        assert list(listener.notifies(timeout=0.3)) == []
+    assert one(conn, "select count(*) from pgqueue.jobs") == 3
+
+
+def test_start_listening_waits_for_an_enqueue_that_sent_no_notify(
+    conn: Conn, dsn: str
+) -> None:
+    """An enqueue with nobody listening holds its stripe until its transaction
+    ends: start_listening gives up, holding nothing, while it is open, and
+    succeeds once it has committed, when the job is there to lease."""
+    with (
+        psycopg.connect(dsn) as producer,
+        psycopg.connect(dsn, autocommit=True) as worker,
+    ):
+        job = enqueue(producer)  # the transaction stays open
+        assert one(worker, "select pgqueue.start_listening(50)") is False
+        assert _listening_locks(conn, worker.info.backend_pid) == 0
+        assert one(worker, "show lock_timeout") == "0"  # restored
+        result: list[bool] = []
+        waiting = threading.Thread(
+            target=lambda: result.append(
+                one(worker, "select pgqueue.start_listening(10000)")
+            )
+        )
+        waiting.start()
+        wait_until(
+            lambda: one(
+                conn,
+                "select count(*) from pg_locks where pid = %s and not granted",
+                [worker.info.backend_pid],
+            ),
+            timeout=5,
+        )
+        assert waiting.is_alive()
+        producer.commit()
+        waiting.join(10)
+        assert result == [True]
+        assert [r[0] for r in lease(worker)] == [job]
