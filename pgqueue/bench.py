@@ -333,6 +333,12 @@ def bench_business(dsn: str, n: int, out: Results) -> None:
             "sync",
             ("-c", "64", "--prefetch", "64", "--tx-batch", "16"),
         ),
+        (
+            "business_async_batched",
+            "business_async",
+            "async",
+            ("-c", "64", "--prefetch", "64", "--tx-batch", "16"),
+        ),
     )
     for name, task, kind, options in variants:
         for processes in (1, 2):

@@ -141,7 +141,7 @@ def worker(
         typer.Option(
             min=1,
             max=64,
-            help="Sync transactional jobs per shared transaction and completion.",
+            help="Transactional jobs per shared transaction and completion.",
         ),
     ] = 1,
     lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,

@@ -36,6 +36,7 @@ from pgqueue.jobs import Job
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
 from pgqueue.txbatch import BatchItem, TxBatcher
+from pgqueue.txbatch_async import AsyncBatchItem, AsyncTxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
 FLUSH_MAX = 2000  # completions per statement
@@ -162,6 +163,34 @@ def _set_completing(attempt: Attempt, value: bool) -> None:
     attempt.completing = value
 
 
+def _resolve(phase: asyncio.Future[None]) -> None:
+    if not phase.done():
+        phase.set_result(None)
+
+
+Phases = tuple[asyncio.Future[None], asyncio.Future[None]]  # (started, returned)
+
+
+async def _wait_batched(
+    future: asyncio.Future[str | None], phases: Phases | None, timeout: float | None
+) -> set[asyncio.Future[str | None]]:
+    """Wait for a job run in a sync batch; an empty set when its handler ran
+    longer than ``timeout`` (timed from the handler's start to its return)."""
+    if phases is not None:
+        started, returned = phases
+        first: set[asyncio.Future[Any]] = {started, future}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not future.done():
+            running: set[asyncio.Future[Any]] = {returned, future}
+            done, _ = await asyncio.wait(
+                running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                return set()
+    await asyncio.wait({future})
+    return {future}
+
+
 @dataclass(slots=True)
 class Counters:
     """What this worker has done so far (read by tests and the final log line)."""
@@ -194,6 +223,7 @@ class JobExecution:
     _failed: list[Failure]
     _flush: asyncio.Event | None
     _tx_batcher: TxBatcher | None
+    _async_batcher: AsyncTxBatcher | None
     # Worker's: run one statement on a pooled connection and return its rows.
     _fetch: Callable[[str, list[Any]], Awaitable[list[tuple[Any, ...]]]]
 
@@ -243,6 +273,9 @@ class JobExecution:
             )
             self._completed_later(attempt, self._result_json(result))
             return
+        if self._async_batcher is not None:
+            await self._run_async_batched(attempt, task, args)
+            return
         assert self._pool is not None
         async with self._pool.connection() as conn:
             await conn.execute("begin")
@@ -271,6 +304,49 @@ class JobExecution:
                 raise
         self._log_succeeded(attempt)
 
+    async def _run_async_batched(
+        self, attempt: Attempt, task: Task, args: dict[str, Any]
+    ) -> None:
+        """Hand the job to a lane (txbatch_async.py), which runs it in a shared
+        transaction and completes it with the COMMIT."""
+        assert self._async_batcher is not None and self._loop is not None
+        future: asyncio.Future[str | None] = self._loop.create_future()
+        self._async_batcher.submit(
+            AsyncBatchItem(
+                job_id=attempt.job.id,
+                lease_token=attempt.job.lease_token,
+                run=functools.partial(self._run_async_in_batch, attempt, task, args),
+                is_dropped=lambda: attempt.timed_out or attempt.abandoned,
+                set_completing=functools.partial(_set_completing, attempt),
+                future=future,
+            )
+        )
+        try:
+            await future
+        except psycopg.Error as exc:  # the batch's fenced completion
+            lost = _lease_error(exc, attempt.job)
+            if lost is not None:
+                raise lost from exc
+            raise
+        self._log_succeeded(attempt)
+
+    async def _run_async_in_batch(
+        self,
+        attempt: Attempt,
+        task: Task,
+        args: dict[str, Any],
+        conn: psycopg.AsyncConnection[Any],
+    ) -> str | None:
+        """Run an async handler in a lane's open transaction; the lane completes
+        the job. Returns the result's JSON."""
+        result = await self._within_timeout(
+            task, task.func(self._context(attempt.job, conn), **args)
+        )
+        payload = self._result_json(result)
+        if attempt.timed_out or attempt.abandoned:
+            raise JobTimeout("the attempt was abandoned; rolled back")
+        return payload
+
     async def _within_timeout(self, task: Task, coro: Any) -> Any:
         if task.timeout is None:
             return await coro
@@ -288,22 +364,33 @@ class JobExecution:
         future: asyncio.Future[str | None]
         if task.transactional and self._tx_batcher is not None:
             future = self._loop.create_future()
+            # The timeout counts the handler's own run (from its start to its
+            # return), not its wait for a batch thread or for its batch's COMMIT:
+            # a slow batch mate is not this job's fault.
+            phases = (
+                None
+                if task.timeout is None
+                else (self._loop.create_future(), self._loop.create_future())
+            )
             self._tx_batcher.submit(
                 BatchItem(
                     job_id=attempt.job.id,
                     lease_token=attempt.job.lease_token,
-                    run=functools.partial(self._run_in_batch, attempt, task, args),
+                    run=functools.partial(
+                        self._run_in_batch, attempt, task, args, phases
+                    ),
                     is_dropped=lambda: attempt.timed_out or attempt.abandoned,
                     set_completing=functools.partial(_set_completing, attempt),
                     future=future,
                     loop=self._loop,
                 )
             )
+            done = await _wait_batched(future, phases, task.timeout)
         else:
             future = self._loop.run_in_executor(
                 self._executor, self._call_sync, attempt, task, args
             )
-        done, _ = await asyncio.wait({future}, timeout=task.timeout)
+            done, _ = await asyncio.wait({future}, timeout=task.timeout)
         if not done:
             # A thread cannot be killed: fail the attempt now, interrupt its query,
             # and keep its slot until it returns. Its transaction never commits:
@@ -374,14 +461,21 @@ class JobExecution:
         attempt: Attempt,
         task: Task,
         args: dict[str, Any],
+        phases: Phases | None,
         conn: psycopg.Connection[Any],
     ) -> str | None:
         """Run a sync handler in a batch's open transaction (a batch thread).
 
         The batch completes the job (txbatch.py); this returns the result's JSON.
+        ``phases`` (when the task has a timeout) tell _run_sync when the handler
+        started and returned.
         """
         job = attempt.job
         attempt.sync_conn = conn
+        loop = self._loop
+        assert loop is not None
+        if phases is not None:
+            loop.call_soon_threadsafe(_resolve, phases[0])
         try:
             result = task.func(self._context(job, conn), **args)
             payload = self._result_json(result)
@@ -390,6 +484,8 @@ class JobExecution:
             return payload
         finally:
             attempt.sync_conn = None
+            if phases is not None:
+                loop.call_soon_threadsafe(_resolve, phases[1])
 
     def _new_connection(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

@@ -1,7 +1,8 @@
 """Several transactional jobs in one transaction, committed together.
 
-Opt-in (``Worker(tx_batch=N)``, ``pgqueue worker --tx-batch N``) for sync
-transactional tasks. Each batching thread keeps one connection. While jobs are
+Opt-in (``Worker(tx_batch=N)``, ``pgqueue worker --tx-batch N``) for
+transactional tasks; this module runs sync handlers, txbatch_async.py async
+ones the same way. Each batching thread keeps one connection. While jobs are
 waiting (up to N jobs or ``max_seconds``) it runs their handlers one after the
 other in one open transaction, then completes them all with one fenced
 statement (``complete_all``) pipelined with the COMMIT. A job's writes commit
@@ -313,7 +314,12 @@ class TxBatcher:
 def _run(conn: psycopg.Connection[Any], item: BatchItem) -> str | None:
     """Run one handler in the open transaction and check it left it usable."""
     payload = item.run(conn)
-    status = conn.info.transaction_status
+    check_left_open(conn.info.transaction_status)
+    return payload
+
+
+def check_left_open(status: TransactionStatus) -> None:
+    """Raise unless a handler left the batch's transaction open and usable."""
     if status == TransactionStatus.INERROR:
         raise HandlerLeftTransactionAborted(
             "the handler returned with its transaction aborted (it caught a "
@@ -324,4 +330,3 @@ def _run(conn: psycopg.Connection[Any], item: BatchItem) -> str | None:
             "the handler ended the worker's transaction (commit or rollback on "
             "ctx.conn); leave that to the worker"
         )
-    return payload

@@ -451,6 +451,8 @@ CEILING = {
     "business_async_2proc": "take_one_business_8c",
     "business_batched_1proc": "take_one_business_8c",
     "business_batched_2proc": "take_one_business_8c",
+    "business_async_batched_1proc": "take_one_business_8c",
+    "business_async_batched_2proc": "take_one_business_8c",
 }
 LOWER_IS_BETTER = {
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",

@@ -2,17 +2,21 @@
 
 The guarantees are those of one job per transaction: every job's writes commit
 exactly once, together with its own fenced completion, whatever else happens
-in its batch.
+in its batch. Each test runs with sync handlers (txbatch.py, threads) and with
+async ones (txbatch_async.py, lanes on the event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import threading
+import time
 from typing import Any
 
 import psycopg
+import pytest
 
 import pgqueue
 from pgqueue.retry import ExponentialBackoff
@@ -21,6 +25,7 @@ from .worker_helpers import reap_now, running_worker, wait_until
 
 Conn = psycopg.Connection[Any]
 FAST_RETRY = ExponentialBackoff(base=0.01, max_delay=0.05)
+KINDS = pytest.mark.parametrize("kind", ["sync", "async"])
 
 
 def finished(conn: Conn, ids: list[int]) -> bool:
@@ -35,24 +40,34 @@ def business_rows(conn: Conn) -> list[tuple[int, int]]:
     return [(int(job_id), int(n)) for job_id, n in rows]
 
 
+@KINDS
 def test_a_batch_commits_every_job_once_with_its_completion(
-    dsn: str, conn: Conn
+    dsn: str, conn: Conn, kind: str
 ) -> None:
     conn.execute("create table business (job_id bigint primary key, n int)")
     app = pgqueue.App(dsn)
     runs: collections.Counter[int] = collections.Counter()
     batches: set[int] = set()
+    # txid of the batch: jobs that share one are committed together
+    insert = "insert into business values (%s, %s) returning txid_current()"
 
-    @app.task()
-    def record(ctx: pgqueue.JobContext, n: int) -> int:
-        runs[n] += 1
-        # txid of the batch: jobs that share one are committed together
-        row = ctx.conn.execute(
-            "insert into business values (%s, %s) returning txid_current()",
-            [ctx.job.id, n],
-        ).fetchone()
-        batches.add(row[0])
-        return n
+    if kind == "sync":
+
+        @app.task()
+        def record(ctx: pgqueue.JobContext, n: int) -> int:
+            runs[n] += 1
+            row = ctx.conn.execute(insert, [ctx.job.id, n]).fetchone()
+            batches.add(row[0])
+            return n
+
+    else:
+
+        @app.task()
+        async def record(ctx: pgqueue.JobContext, n: int) -> int:
+            runs[n] += 1
+            row = await (await ctx.conn.execute(insert, [ctx.job.id, n])).fetchone()
+            batches.add(row[0])
+            return n
 
     ids = record.enqueue_many(conn, [{"n": n} for n in range(200)])
     with running_worker(app, concurrency=32, prefetch=32, tx_batch=16):
@@ -67,21 +82,39 @@ def test_a_batch_commits_every_job_once_with_its_completion(
     assert len(batches) < 200  # jobs did share transactions
 
 
+@KINDS
 def test_a_failing_job_fails_alone_and_its_batch_mates_commit_once(
-    dsn: str, conn: Conn
+    dsn: str, conn: Conn, kind: str
 ) -> None:
     conn.execute("create table business (job_id bigint primary key, n int)")
     app = pgqueue.App(dsn)
     runs: collections.Counter[int] = collections.Counter()
     lock = threading.Lock()
+    insert = "insert into business values (%s, %s)"
 
-    @app.task(max_attempts=3, retry=FAST_RETRY)
-    def record(ctx: pgqueue.JobContext, n: int) -> None:
+    def counted(ctx: pgqueue.JobContext, n: int) -> None:
         with lock:
             runs[n] += 1
-        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, n])
+
+    def fail_first(ctx: pgqueue.JobContext, n: int) -> None:
         if n % 7 == 3 and ctx.attempt == 1:
             raise ValueError(f"job {n} fails its first attempt")
+
+    if kind == "sync":
+
+        @app.task(max_attempts=3, retry=FAST_RETRY)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            counted(ctx, n)
+            ctx.conn.execute(insert, [ctx.job.id, n])
+            fail_first(ctx, n)
+
+    else:
+
+        @app.task(max_attempts=3, retry=FAST_RETRY)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            counted(ctx, n)
+            await ctx.conn.execute(insert, [ctx.job.id, n])
+            fail_first(ctx, n)
 
     ids = record.enqueue_many(conn, [{"n": n} for n in range(100)])
     with running_worker(app, concurrency=16, prefetch=16, tx_batch=8):
@@ -101,18 +134,31 @@ def test_a_failing_job_fails_alone_and_its_batch_mates_commit_once(
         assert runs[n] >= (2 if n in failing else 1)
 
 
+@KINDS
 def test_a_handler_that_swallows_a_database_error_fails_only_itself(
-    dsn: str, conn: Conn
+    dsn: str, conn: Conn, kind: str
 ) -> None:
     conn.execute("create table business (job_id bigint primary key, n int)")
     app = pgqueue.App(dsn)
+    insert = "insert into business values (%s, %s)"
 
-    @app.task(max_attempts=1)
-    def record(ctx: pgqueue.JobContext, n: int) -> None:
-        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, n])
-        if n == 5:
-            with contextlib.suppress(psycopg.errors.DivisionByZero):
-                ctx.conn.execute("select 1 / 0")  # leaves the transaction aborted
+    if kind == "sync":
+
+        @app.task(max_attempts=1)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            ctx.conn.execute(insert, [ctx.job.id, n])
+            if n == 5:
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
+                    ctx.conn.execute("select 1 / 0")  # leaves the transaction aborted
+
+    else:
+
+        @app.task(max_attempts=1)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            await ctx.conn.execute(insert, [ctx.job.id, n])
+            if n == 5:
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
+                    await ctx.conn.execute("select 1 / 0")
 
     ids = record.enqueue_many(conn, [{"n": n} for n in range(20)])
     with running_worker(app, concurrency=20, prefetch=20, tx_batch=20):
@@ -126,19 +172,18 @@ def test_a_handler_that_swallows_a_database_error_fails_only_itself(
     assert dead == [(ids[5], "HandlerLeftTransactionAborted")]
 
 
-def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(dsn: str, conn: Conn) -> None:
+@KINDS
+def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(
+    dsn: str, conn: Conn, kind: str
+) -> None:
     """The batch's completion finds one lease gone: nothing commits at first,
     then every job runs again fenced alone; the lost one commits nothing."""
     conn.execute("create table business (job_id bigint, n int, attempt int)")
     app = pgqueue.App(dsn)
-
+    insert = "insert into business values (%s, %s, %s)"
     reaped = threading.Event()
 
-    @app.task(retry=FAST_RETRY)
-    def record(ctx: pgqueue.JobContext, n: int) -> None:
-        ctx.conn.execute(
-            "insert into business values (%s, %s, %s)", [ctx.job.id, n, ctx.attempt]
-        )
+    def reap_once(ctx: pgqueue.JobContext, n: int) -> None:
         if n == 4 and not reaped.is_set():
             # Another worker reaps this job while the batch runs: once. (The
             # batch runs attempt 1 again when its completion fails; by then the
@@ -146,6 +191,20 @@ def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(dsn: str, conn: Conn) 
             # would take away as well.)
             reaped.set()
             reap_now(dsn, ctx.job.id, due_now=True)
+
+    if kind == "sync":
+
+        @app.task(retry=FAST_RETRY)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            ctx.conn.execute(insert, [ctx.job.id, n, ctx.attempt])
+            reap_once(ctx, n)
+
+    else:
+
+        @app.task(retry=FAST_RETRY)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            await ctx.conn.execute(insert, [ctx.job.id, n, ctx.attempt])
+            await asyncio.to_thread(reap_once, ctx, n)
 
     ids = record.enqueue_many(conn, [{"n": n} for n in range(10)])
     with running_worker(app, concurrency=10, prefetch=10, tx_batch=10) as worker:
@@ -156,3 +215,45 @@ def test_a_lease_lost_in_a_batch_rolls_back_only_that_job(dsn: str, conn: Conn) 
     ).fetchall()
     # One row per job; job 4's first attempt left none, its second did.
     assert rows == [(job_id, n, 2 if n == 4 else 1) for n, job_id in enumerate(ids)]
+
+
+@KINDS
+def test_a_handler_that_times_out_mid_query_fails_alone(
+    dsn: str, conn: Conn, kind: str
+) -> None:
+    """A handler whose query outlives the task's timeout: the query is
+    cancelled, that job fails with JobTimeout and writes nothing, and its batch
+    mates commit once. (A sync job's timeout runs from the hand-over to the
+    batch, so the jobs queued behind the slow one may time out too, and run
+    again: hence the retries.)"""
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+    insert = "insert into business values (%s, %s)"
+    nap = "select pg_sleep(case when %s = 3 then 30 else 0 end)"
+
+    if kind == "sync":
+
+        @app.task(max_attempts=3, retry=FAST_RETRY, timeout=0.5)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            ctx.conn.execute(insert, [ctx.job.id, n])
+            ctx.conn.execute(nap, [n])
+
+    else:
+
+        @app.task(max_attempts=3, retry=FAST_RETRY, timeout=0.5)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            await ctx.conn.execute(insert, [ctx.job.id, n])
+            await ctx.conn.execute(nap, [n])
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(8)])
+    started = time.monotonic()
+    with running_worker(app, concurrency=8, prefetch=8, tx_batch=8):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    assert time.monotonic() - started < 20  # not the 30 s sleep
+    assert business_rows(conn) == [
+        (job_id, n) for n, job_id in enumerate(ids) if n != 3
+    ]
+    dead = conn.execute(
+        "select id, errors -> -1 ->> 'kind' from pgqueue.dead_jobs"
+    ).fetchall()
+    assert dead == [(ids[3], "JobTimeout")]
