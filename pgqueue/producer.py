@@ -8,6 +8,7 @@ caller's transaction stays usable.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -296,11 +297,14 @@ def enqueue_many(
     try:
         if params["n"] < COPY_THRESHOLD:
             return _ids(conn.execute(query, params).fetchall())
-        row = conn.execute(stmts.reserve_ids, _reserve_params(params)).fetchone()
-        assert row is not None
-        ids, run_at, _ = row
-        with conn.cursor().copy(stmts.copy_jobs) as copy:
-            copy.write(_copy_rows(ids, params, run_at))
+        # Two statements: on an autocommit connection, one transaction all the
+        # same, so that the jobs and their NOTIFY commit together.
+        with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+            row = conn.execute(stmts.reserve_ids, _reserve_params(params)).fetchone()
+            assert row is not None
+            ids, run_at, _ = row
+            with conn.cursor().copy(stmts.copy_jobs) as copy:
+                copy.write(_copy_rows(ids, params, run_at))
         return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
@@ -322,12 +326,13 @@ async def enqueue_many_async(
         if params["n"] < COPY_THRESHOLD:
             cur = await conn.execute(query, params)
             return _ids(await cur.fetchall())
-        cur = await conn.execute(stmts.reserve_ids, _reserve_params(params))
-        row = await cur.fetchone()
-        assert row is not None
-        ids, run_at, _ = row
-        async with conn.cursor().copy(stmts.copy_jobs) as copy:
-            await copy.write(_copy_rows(ids, params, run_at))
+        async with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+            cur = await conn.execute(stmts.reserve_ids, _reserve_params(params))
+            row = await cur.fetchone()
+            assert row is not None
+            ids, run_at, _ = row
+            async with conn.cursor().copy(stmts.copy_jobs) as copy:
+                await copy.write(_copy_rows(ids, params, run_at))
         return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None

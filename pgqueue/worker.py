@@ -33,6 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import _sql, eager, migrations
@@ -349,7 +350,7 @@ class Worker(JobExecution):
                         if self.listen and not self._due and not self._listening():
                             await self._start_listening()
                             continue
-                        await self._sleep(self._wait_time())
+                        await self._wait(self._wait_time())
                         if not self._wake.is_set():
                             self._due = True  # the poll interval passed: look again
                         continue
@@ -456,6 +457,7 @@ class Worker(JobExecution):
             taken = bool(rows and rows[0][0])
         except Exception as exc:
             self._log.warning("start_listening_failed", error=repr(exc))
+            await self._drop_lease_conn()  # whatever it took goes with it
             taken = False
         if taken:
             self._listening_on = self._lease_conn
@@ -473,9 +475,52 @@ class Worker(JobExecution):
         try:
             await self._fetch_leasing(self._stmts.stop_listening, [])
         except Exception as exc:
-            # Still held, perhaps: enqueues NOTIFY needlessly until the
-            # connection is replaced, which is harmless.
+            # Some may still be held: they go with the connection.
             self._log.warning("stop_listening_failed", error=repr(exc))
+            await self._drop_lease_conn()
+
+    async def _drop_lease_conn(self) -> None:
+        conn, self._lease_conn = self._lease_conn, None
+        self._listening_on = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep until woken, or ``seconds`` pass.
+
+        While the lease connection holds the listening locks, its socket is
+        watched too: a backend that goes away (terminated, idle_session_timeout,
+        a proxy closing it) takes the locks with it, after which no enqueue
+        NOTIFYs; the server's goodbye wakes the loop, which reconnects.
+        """
+        conn = self._listening_on
+        if conn is None or not self._listening():
+            await self._sleep(seconds)
+            return
+        assert self._loop is not None
+        fd = conn.pgconn.socket
+        self._loop.add_reader(fd, self._lease_conn_stirred, conn, fd)
+        try:
+            await self._sleep(seconds)
+        finally:
+            self._loop.remove_reader(fd)
+
+    def _lease_conn_stirred(self, conn: psycopg.AsyncConnection[Any], fd: int) -> None:
+        """The server wrote to the idle lease connection: read it; if the
+        connection is lost, so are the listening locks."""
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        try:
+            conn.pgconn.consume_input()
+            lost = conn.pgconn.status != ConnStatus.OK
+        except psycopg.Error:
+            lost = True
+        if lost and self._listening_on is conn:
+            self._listening_on = None
+            self._log.warning("lease_connection_lost")
+        self._due = True
+        self._wake_up()
 
     def _jobs(self, rows: list[tuple[Any, ...]]) -> list[Job]:
         self.counters.lease_calls += 1
@@ -776,6 +821,9 @@ class Worker(JobExecution):
         """
         conn = self._lease_conn
         if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
             conn = await psycopg.AsyncConnection.connect(
                 self.app.dsn, autocommit=True, application_name="pgqueue-worker"
             )

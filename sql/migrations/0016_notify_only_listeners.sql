@@ -33,6 +33,11 @@
 -- 9,384-9,556 tps, 16 ran 11,461-11,777. An idle worker holds 16 locks of
 -- the server's shared lock table (max_locks_per_transaction x connections).
 --
+-- The locks live on the worker's lease connection, which it watches while
+-- it waits: a backend that goes away takes them along, and the worker
+-- reconnects and takes them again. start_listening holds nothing when it
+-- fails, whether it timed out or was cancelled part way.
+--
 -- Workers older than this release LISTEN without taking the locks: while
 -- only they serve a queue, its enqueues send no NOTIFY and they find new
 -- jobs by polling (every poll interval). Upgrade the workers with the schema.
@@ -85,15 +90,25 @@ begin
                 1885827446, :pgqueue_schema._listening_key(v_taken));
             v_taken := v_taken + 1;
         end loop;
-    exception when lock_not_available then
-        -- A producer's transaction is still open: let go of the stripes taken
-        -- (session locks outlive the failed block); the caller tries again.
-        for v_stripe in 0 .. v_taken - 1 loop
-            perform pg_advisory_unlock_shared(
-                1885827446, :pgqueue_schema._listening_key(v_stripe));
-        end loop;
-        perform set_config('lock_timeout', v_old, true);
-        return false;
+    exception
+        when lock_not_available then
+            -- A producer's transaction is still open: let go of the stripes
+            -- taken (session locks outlive the failed block); the caller tries
+            -- again.
+            for v_stripe in 0 .. v_taken - 1 loop
+                perform pg_advisory_unlock_shared(
+                    1885827446, :pgqueue_schema._listening_key(v_stripe));
+            end loop;
+            perform set_config('lock_timeout', v_old, true);
+            return false;
+        when query_canceled or others then
+            -- Cancelled (statement_timeout, a cancel request) or failed part
+            -- way: hold nothing, so that what the caller believes is true.
+            for v_stripe in 0 .. v_taken - 1 loop
+                perform pg_advisory_unlock_shared(
+                    1885827446, :pgqueue_schema._listening_key(v_stripe));
+            end loop;
+            raise;
     end;
     perform set_config('lock_timeout', v_old, true);
     return true;
@@ -127,9 +142,13 @@ revoke execute on function :pgqueue_schema._listening_key(integer) from public;
 revoke execute on function :pgqueue_schema._nobody_listening() from public;
 revoke execute on function :pgqueue_schema.start_listening(integer) from public;
 revoke execute on function :pgqueue_schema.stop_listening() from public;
+-- start_listening and stop_listening run with the caller's rights and call
+-- _listening_key: worker roles need all three (grant_worker grants every
+-- function to roles granted from now on).
 select :pgqueue_schema._grant_to_workers(f)
   from unnest(array[':pgqueue_schema.start_listening(integer)',
-                    ':pgqueue_schema.stop_listening()']::regprocedure[]) as f;
+                    ':pgqueue_schema.stop_listening()',
+                    ':pgqueue_schema._listening_key(integer)']::regprocedure[]) as f;
 
 -- _notify (enqueue_many, the COPY path, hand_back, reap, retry, resume_queue):
 -- as in 0008, and only while a worker listens.
@@ -137,15 +156,23 @@ create or replace function :pgqueue_schema._notify(p_queues text[]) returns void
 language plpgsql
 security definer set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_queues text[];
 begin
+    v_queues := array(
+        select d.q
+          from (select distinct coalesce(u.q, 'default') as q
+                  from unnest(p_queues) as u(q)) as d
+         where not exists (select 1 from :pgqueue_schema.queues s
+                            where s.name = d.q and not s.notify));
+    -- Quiet queues only: no listening lock is tried (and held), as in enqueue.
+    if cardinality(v_queues) = 0 then
+        return;
+    end if;
     if :pgqueue_schema._nobody_listening() then
         return;
     end if;
-    perform pg_notify(:pgqueue_channel, d.q)
-       from (select distinct coalesce(u.q, 'default') as q
-               from unnest(p_queues) as u(q)) as d
-      where not exists (select 1 from :pgqueue_schema.queues s
-                         where s.name = d.q and not s.notify);
+    perform pg_notify(:pgqueue_channel, q) from unnest(v_queues) as q;
 end
 $$;
 

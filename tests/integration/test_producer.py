@@ -13,6 +13,7 @@ import pytest
 
 import pgqueue
 from pgqueue.errors import ArgumentsNotSerializable, InvalidJob
+from tests.waiting import wait_until
 
 Conn = psycopg.Connection[Any]
 
@@ -232,3 +233,57 @@ def test_unicode_and_quotes_are_stored_verbatim(dsn: str, conn: Conn) -> None:
         "select args, idempotency_key from pgqueue.jobs where id = %s", [job_id]
     ).fetchone()
     assert row == (args, 'it\'s "quoted"')
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_bulk_enqueue_by_copy_on_an_autocommit_connection_commits_once(
+    dsn: str, conn: psycopg.Connection[Any], kind: str
+) -> None:
+    """enqueue_many of 500 jobs or more sends two statements (reserve the ids,
+    COPY the rows). On an autocommit connection they still commit together,
+    with their NOTIFY: a worker it wakes finds every job, and a failure in
+    between leaves no half-made enqueue."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def send(ctx: pgqueue.JobContext, to: str) -> None:
+        pass
+
+    done: list[list[int]] = []
+
+    async def produce_async() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as a:
+            done.append(await send.enqueue_many_async(a, [{"to": "x"}] * 600))
+
+    def produce() -> None:
+        if kind == "async":
+            asyncio.run(produce_async())
+            return
+        with psycopg.connect(dsn, autocommit=True) as producer:
+            done.append(send.enqueue_many(producer, [{"to": "x"}] * 600))
+
+    with (
+        psycopg.connect(dsn, autocommit=True) as listener,
+        psycopg.connect(dsn) as blocker,
+    ):
+        listener.execute("listen pgqueue")
+        listener.execute("select pgqueue.start_listening()")
+        blocker.execute("lock table pgqueue.jobs in share mode")  # COPY waits
+        thread = threading.Thread(target=produce)
+        thread.start()
+        wait_until(
+            lambda: (
+                conn.execute(
+                    "select count(*) from pg_locks where not granted"
+                    " and relation = 'pgqueue.jobs'::regclass"
+                ).fetchone()
+                == (1,)
+            )
+        )
+        assert list(listener.notifies(timeout=0.3)) == []  # nothing committed yet
+        blocker.rollback()
+        thread.join(10)
+        notes = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+    assert notes == ["default"]
+    assert len(done) == 1 and len(done[0]) == 600
+    assert conn.execute("select count(*) from pgqueue.jobs").fetchone() == (600,)

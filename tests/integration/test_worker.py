@@ -855,3 +855,36 @@ def test_a_job_whose_enqueue_sent_no_notify_runs_without_waiting_for_the_poll(
         wait_until(lambda: late in ran, timeout=10)
         assert time.monotonic() - committed < 5
         wait_until(lambda: _listening_locks(conn) == 16)
+
+
+def test_a_waiting_worker_whose_lease_backend_dies_is_still_woken(
+    dsn: str, conn: Conn
+) -> None:
+    """The listening locks live on the lease connection: when its backend is
+    terminated while the worker waits, the locks go and enqueues stop
+    NOTIFYing. The worker notices the connection's end, reconnects and takes
+    them again, so a job enqueued afterwards runs at once, not at the poll."""
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    def holder() -> int | None:
+        row = conn.execute(
+            "select pid from pg_locks where locktype = 'advisory'"
+            " and classid = 1885827446 and objsubid = 2 and granted"
+            " and mode = 'ShareLock' limit 1"
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    with running_worker(app, poll_interval=60):
+        first = wait_until(holder)
+        conn.execute("select pg_terminate_backend(%s)", [first])
+        wait_until(lambda: holder() not in (None, first))  # taken again
+        assert _listening_locks(conn) == 16
+        job = quick.enqueue(conn)
+        enqueued = time.monotonic()
+        wait_until(lambda: job in ran, timeout=15)
+        assert time.monotonic() - enqueued < 5

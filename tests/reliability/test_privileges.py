@@ -158,8 +158,9 @@ QUEUE_SETTINGS = (
 def test_roles_granted_before_an_upgrade_keep_their_rights(
     roles: dict[str, str],
 ) -> None:
-    """A worker role granted on an old schema may set queue options after the
-    upgrade without grant_worker running again; a producer still may not."""
+    """A worker role granted on an old schema may set queue options and take
+    the listening locks after the upgrade without grant_worker running again;
+    a producer still may not."""
     with psycopg.connect(roles["owner"], autocommit=True) as owner:
         migrations.migrate(owner, "priv", target=4)  # before configure_queue
         for kind in ("producer", "worker"):
@@ -183,8 +184,11 @@ def test_roles_granted_before_an_upgrade_keep_their_rights(
         assert worker.execute(
             "select keep_succeeded, paused, notify from priv.queues where name = 'q'"
         ).fetchone() == (False, False, False)
+        # The listening locks (0016), and the key function they call.
+        assert worker.execute("select priv.start_listening()").fetchone() == (True,)
+        worker.execute("select priv.stop_listening()")
     with psycopg.connect(roles["producer"], autocommit=True) as producer:
-        for query in QUEUE_SETTINGS:
+        for query in [*QUEUE_SETTINGS, "select priv.start_listening()"]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 producer.execute(query)
         # Its INSERT on jobs narrowed to COPY's columns (0013), and COPY works.

@@ -1088,3 +1088,43 @@ def test_start_listening_waits_for_an_enqueue_that_sent_no_notify(
         waiting.join(10)
         assert result == [True]
         assert [r[0] for r in lease(worker)] == [job]
+
+
+def test_start_listening_cancelled_part_way_holds_no_lock(conn: Conn, dsn: str) -> None:
+    """A statement_timeout (or a cancel) while start_listening waits on a stripe
+    lets go of the stripes it took: the caller, told it failed, holds nothing."""
+    producers: list[Conn] = []
+    try:
+        while True:  # a producer whose stripe is not among the first four
+            producer = psycopg.connect(dsn)
+            producers.append(producer)
+            if producer.info.backend_pid % 16 >= 4:
+                break
+        enqueue(producer)  # its transaction stays open: no NOTIFY, stripe held
+        with psycopg.connect(dsn, autocommit=True) as worker:
+            worker.execute("set statement_timeout = '50ms'")
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                worker.execute("select pgqueue.start_listening(10000)")
+            assert _listening_locks(conn, worker.info.backend_pid) == 0
+            producer.commit()
+            worker.execute("reset statement_timeout")
+            assert one(worker, "select pgqueue.start_listening()")
+            worker.execute("select pgqueue.stop_listening()")
+            assert _listening_locks(conn, worker.info.backend_pid) == 0
+    finally:
+        for producer in producers:
+            producer.close()
+
+
+def test_notify_of_quiet_queues_only_takes_no_listening_lock(conn: Conn) -> None:
+    conn.execute("select pgqueue.set_queue_notify('quiet', false)")
+    with conn.transaction():
+        conn.execute("select pgqueue._notify(array['quiet'])")
+        assert (
+            one(
+                conn,
+                "select count(*) from pg_locks where locktype = 'advisory'"
+                " and classid = 1885827446 and pid = pg_backend_pid()",
+            )
+            == 0
+        )
