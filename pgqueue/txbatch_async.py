@@ -266,22 +266,24 @@ class AsyncTxBatcher:
                 try:
                     await conn.execute("rollback to savepoint job")
                 except psycopg.Error as broken:
-                    _settle(outcomes)
-                    self._uncomplete(completed)
-                    raise _Broken() from broken
+                    raise _given_up(outcomes, completed) from broken
         try:
             await conn.execute("commit")
         except psycopg.Error as exc:
-            _settle(outcomes)
-            self._uncomplete(completed)
-            raise _Broken() from exc
+            raise _given_up(outcomes, completed) from exc
         _settle(outcomes + [(it, payload, None) for it, payload in completed])
 
-    @staticmethod
-    def _uncomplete(completed: list[tuple[AsyncBatchItem, str | None]]) -> None:
-        """Their completions did not commit: the lane settles them as failed."""
-        for item, _ in completed:
-            item.set_completing(False)
+
+def _given_up(
+    outcomes: Sequence[Outcome], completed: list[tuple[AsyncBatchItem, str | None]]
+) -> _Broken:
+    """The connection broke in the careful path: settle the failures known so
+    far; the completions did not commit, and the lane settles those jobs (and
+    the ones not run yet) with the connection's error."""
+    _settle(outcomes)
+    for item, _ in completed:
+        item.set_completing(False)
+    return _Broken()
 
 
 async def _run(conn: psycopg.AsyncConnection[Any], item: AsyncBatchItem) -> str | None:

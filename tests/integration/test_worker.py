@@ -799,12 +799,8 @@ def _listening_locks(conn: Conn) -> int:
     return int(row[0])
 
 
-def test_a_waiting_worker_holds_the_listening_locks_and_a_busy_one_lets_go(
-    dsn: str, conn: Conn
-) -> None:
-    """Enqueues NOTIFY only while a worker waits: it takes the listening locks
-    before it waits, lets them go while full leases show a backlog, and takes
-    them again when the queue runs dry."""
+def _slow_jobs(dsn: str) -> tuple[pgqueue.App, pgqueue.Task, list[int]]:
+    """An app whose task takes 20 ms, and the ids of the jobs it ran."""
     app = pgqueue.App(dsn)
     ran: list[int] = []
 
@@ -813,6 +809,16 @@ def test_a_waiting_worker_holds_the_listening_locks_and_a_busy_one_lets_go(
         await asyncio.sleep(0.02)
         ran.append(ctx.job.id)
 
+    return app, slow, ran
+
+
+def test_a_waiting_worker_holds_the_listening_locks_and_a_busy_one_lets_go(
+    dsn: str, conn: Conn
+) -> None:
+    """Enqueues NOTIFY only while a worker waits: it takes the listening locks
+    before it waits, lets them go while full leases show a backlog, and takes
+    them again when the queue runs dry."""
+    app, slow, ran = _slow_jobs(dsn)
     with running_worker(app, concurrency=1, prefetch=0, poll_interval=60):
         wait_until(lambda: _listening_locks(conn) == 16)
         ids = slow.enqueue_many(conn, [{}] * 40)
@@ -830,14 +836,7 @@ def test_a_job_whose_enqueue_sent_no_notify_runs_without_waiting_for_the_poll(
     the worker runs dry. The worker cannot start waiting until that
     transaction ends, so the job runs soon after the commit, not at the next
     poll (a minute here)."""
-    app = pgqueue.App(dsn)
-    ran: list[int] = []
-
-    @app.task(transactional=False)
-    async def slow(ctx: pgqueue.JobContext) -> None:
-        await asyncio.sleep(0.02)
-        ran.append(ctx.job.id)
-
+    app, slow, ran = _slow_jobs(dsn)
     with (
         running_worker(app, concurrency=1, prefetch=0, poll_interval=60),
         psycopg.connect(dsn) as producer,
