@@ -163,32 +163,52 @@ def _set_completing(attempt: Attempt, value: bool) -> None:
     attempt.completing = value
 
 
-def _resolve(phase: asyncio.Future[None]) -> None:
-    if not phase.done():
-        phase.set_result(None)
+@dataclass(eq=False, slots=True)
+class RunClock:
+    """When the current run of a sync batch job's handler started, as the
+    event loop saw it (None between runs). A job may run more than once in its
+    batch (txbatch.py): each run is timed on its own."""
+
+    changed: asyncio.Event
+    running_since: float | None = None
 
 
-Phases = tuple[asyncio.Future[None], asyncio.Future[None]]  # (started, returned)
+def _run_began(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
+    clock.running_since = loop.time()
+    clock.changed.set()
+
+
+def _run_ended(clock: RunClock) -> None:
+    clock.running_since = None
+    clock.changed.set()
 
 
 async def _wait_batched(
-    future: asyncio.Future[str | None], phases: Phases | None, timeout: float | None
-) -> set[asyncio.Future[str | None]]:
-    """Wait for a job run in a sync batch; an empty set when its handler ran
-    longer than ``timeout`` (timed from the handler's start to its return)."""
-    if phases is not None:
-        started, returned = phases
-        first: set[asyncio.Future[Any]] = {started, future}
-        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        if not future.done():
-            running: set[asyncio.Future[Any]] = {returned, future}
-            done, _ = await asyncio.wait(
-                running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    future: asyncio.Future[str | None], clock: RunClock | None, timeout: float | None
+) -> bool:
+    """Wait for a job run in a sync batch; True if a run of its handler lasted
+    longer than ``timeout`` (from its start to its return: not its wait for a
+    batch thread or for its batch's COMMIT)."""
+    if clock is None or timeout is None:
+        await asyncio.wait({future})
+        return False
+    loop = asyncio.get_running_loop()
+    while not future.done():
+        clock.changed.clear()
+        left = None
+        if clock.running_since is not None:
+            left = timeout - (loop.time() - clock.running_since)
+            if left <= 0:
+                return True
+        changed = asyncio.ensure_future(clock.changed.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {changed, future}
+            await asyncio.wait(
+                waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
             )
-            if not done:
-                return set()
-    await asyncio.wait({future})
-    return {future}
+        finally:
+            changed.cancel()
+    return False
 
 
 @dataclass(slots=True)
@@ -364,20 +384,16 @@ class JobExecution:
         future: asyncio.Future[str | None]
         if task.transactional and self._tx_batcher is not None:
             future = self._loop.create_future()
-            # The timeout counts the handler's own run (from its start to its
-            # return), not its wait for a batch thread or for its batch's COMMIT:
-            # a slow batch mate is not this job's fault.
-            phases = (
-                None
-                if task.timeout is None
-                else (self._loop.create_future(), self._loop.create_future())
-            )
+            # The timeout counts each run of the handler (from its start to its
+            # return), not its wait for a batch thread or for its batch's
+            # COMMIT: a slow batch mate is not this job's fault.
+            clock = None if task.timeout is None else RunClock(asyncio.Event())
             self._tx_batcher.submit(
                 BatchItem(
                     job_id=attempt.job.id,
                     lease_token=attempt.job.lease_token,
                     run=functools.partial(
-                        self._run_in_batch, attempt, task, args, phases
+                        self._run_in_batch, attempt, task, args, clock
                     ),
                     is_dropped=lambda: attempt.timed_out or attempt.abandoned,
                     set_completing=functools.partial(_set_completing, attempt),
@@ -385,13 +401,14 @@ class JobExecution:
                     loop=self._loop,
                 )
             )
-            done = await _wait_batched(future, phases, task.timeout)
+            timed_out = await _wait_batched(future, clock, task.timeout)
         else:
             future = self._loop.run_in_executor(
                 self._executor, self._call_sync, attempt, task, args
             )
             done, _ = await asyncio.wait({future}, timeout=task.timeout)
-        if not done:
+            timed_out = not done
+        if timed_out:
             # A thread cannot be killed: fail the attempt now, interrupt its query,
             # and keep its slot until it returns. Its transaction never commits:
             # the timed_out flag stops the completion, and fencing would too.
@@ -461,21 +478,21 @@ class JobExecution:
         attempt: Attempt,
         task: Task,
         args: dict[str, Any],
-        phases: Phases | None,
+        clock: RunClock | None,
         conn: psycopg.Connection[Any],
     ) -> str | None:
         """Run a sync handler in a batch's open transaction (a batch thread).
 
         The batch completes the job (txbatch.py); this returns the result's JSON.
-        ``phases`` (when the task has a timeout) tell _run_sync when the handler
+        ``clock`` (when the task has a timeout) tells _run_sync when this run
         started and returned.
         """
         job = attempt.job
         attempt.sync_conn = conn
         loop = self._loop
         assert loop is not None
-        if phases is not None:
-            loop.call_soon_threadsafe(_resolve, phases[0])
+        if clock is not None:
+            loop.call_soon_threadsafe(_run_began, clock, loop)
         try:
             result = task.func(self._context(job, conn), **args)
             payload = self._result_json(result)
@@ -484,8 +501,8 @@ class JobExecution:
             return payload
         finally:
             attempt.sync_conn = None
-            if phases is not None:
-                loop.call_soon_threadsafe(_resolve, phases[1])
+            if clock is not None:
+                loop.call_soon_threadsafe(_run_ended, clock)
 
     def _new_connection(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

@@ -135,34 +135,41 @@ class TxBatcher:
             item = self._queue.get()
             if item is None:
                 break
+            taken = [item]  # this batch's items, every one settled below
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = self._connect()
-                self._batch(conn, item)
+                self._batch(conn, item, taken)
             except BaseException as exc:
-                # Only connection failures get here; the items were settled.
+                # The connection failed (or connecting did, or something
+                # unforeseen): every job of the batch not settled yet gets the
+                # error, and the thread goes on with a new connection.
+                error = exc.__cause__ if isinstance(exc, _Broken) else exc
+                _settle([(it, None, error or exc) for it in taken])
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
                 conn = None
-                if not isinstance(exc, (_Broken, psycopg.Error)):
-                    raise
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def _next(self) -> BatchItem | None:
+    def _next(self, taken: list[BatchItem]) -> BatchItem | None:
         try:
             item = self._queue.get_nowait()
         except queue.Empty:
             return None
         if item is None:  # a stop request: leave it for the loop
             self._queue.put(None)
+            return None
+        taken.append(item)
         return item
 
     # -- the fast path: no savepoints ------------------------------------------
 
-    def _batch(self, conn: psycopg.Connection[Any], first: BatchItem) -> None:
+    def _batch(
+        self, conn: psycopg.Connection[Any], first: BatchItem, taken: list[BatchItem]
+    ) -> None:
         try:
             conn.execute("begin")
         except psycopg.Error as exc:
@@ -189,7 +196,7 @@ class TxBatcher:
                 or time.monotonic() - started > self._max_seconds
             ):
                 break
-            item = self._next()
+            item = self._next(taken)
         if failed is None:
             try:
                 outcomes += self._commit(conn, ran)
@@ -290,9 +297,44 @@ class TxBatcher:
         try:
             conn.execute("commit")
         except psycopg.Error as exc:
-            self._abandon([], completed, outcomes, exc)
-            raise _Broken() from exc
+            for item, _ in completed:
+                item.set_completing(False)
+            _settle(outcomes)
+            if conn.broken or conn.closed:
+                raise _Broken() from exc  # _main settles the completed ones
+            # The COMMIT itself failed (a deferred constraint of one job): each
+            # job that succeeded here once more, in a transaction of its own.
+            self._solo(conn, [it for it, _ in completed])
+            return
         _settle(outcomes + [(it, payload, None) for it, payload in completed])
+
+    # -- the last resort: one transaction a job ---------------------------------
+
+    def _solo(self, conn: psycopg.Connection[Any], items: list[BatchItem]) -> None:
+        """Run each job in a transaction of its own, completed with its COMMIT."""
+        for item in items:
+            if item.is_dropped():
+                error = JobTimeout("the attempt was abandoned before it ran")
+                _settle([(item, None, error)])
+                continue
+            try:
+                conn.execute("begin")
+                payload = _run(conn, item)
+                item.set_completing(True)
+                with conn.pipeline():
+                    conn.execute(
+                        self._complete_one, [item.job_id, item.lease_token, payload]
+                    )
+                    conn.execute("commit")
+            except BaseException as exc:
+                item.set_completing(False)
+                if conn.broken or conn.closed:
+                    raise _Broken() from exc
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("rollback")
+                _settle([(item, None, exc)])
+                continue
+            _settle([(item, payload, None)])
 
     @staticmethod
     def _abandon(

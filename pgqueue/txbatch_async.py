@@ -50,6 +50,10 @@ class _Broken(Exception):
     """The connection failed: the whole open transaction is gone."""
 
 
+class HandlerCancelled(Exception):
+    """A handler let a CancelledError out though the worker did not cancel it."""
+
+
 def _settle(outcomes: Sequence[Outcome]) -> None:
     for item, payload, error in outcomes:
         if item.future.done():  # the worker gave up on it (shutdown)
@@ -83,6 +87,7 @@ class AsyncTxBatcher:
         self._complete_all = complete_all
         self._complete_one = complete_one
         self._queue: asyncio.Queue[AsyncBatchItem | None] = asyncio.Queue()
+        self._closing = False  # stop() is cancelling the lanes
         self._lanes = [asyncio.create_task(self._lane()) for _ in range(lanes)]
 
     def submit(self, item: AsyncBatchItem) -> None:
@@ -95,6 +100,7 @@ class AsyncTxBatcher:
         for _ in self._lanes:
             self._queue.put_nowait(None)
         _, busy = await asyncio.wait(self._lanes, timeout=timeout)
+        self._closing = True
         for lane in busy:
             lane.cancel()
         await asyncio.gather(*self._lanes, return_exceptions=True)
@@ -166,7 +172,7 @@ class AsyncTxBatcher:
                 )
             else:
                 try:
-                    ran.append((item, await _run(conn, item)))
+                    ran.append((item, await self._run(conn, item)))
                 except Exception as exc:
                     failed = (item, exc)
                     break
@@ -249,7 +255,7 @@ class AsyncTxBatcher:
                 )
                 continue
             try:
-                payload = await _run(conn, item)
+                payload = await self._run(conn, item)
                 item.set_completing(True)
                 # complete_one raises PQ004 when the lease was lost, which skips
                 # the rest of the pipeline; the job's savepoint then rolls back.
@@ -270,8 +276,64 @@ class AsyncTxBatcher:
         try:
             await conn.execute("commit")
         except psycopg.Error as exc:
-            raise _given_up(outcomes, completed) from exc
+            if conn.broken or conn.closed:
+                raise _given_up(outcomes, completed) from exc
+            # The COMMIT itself failed (a deferred constraint of one job): each
+            # job that succeeded here once more, in a transaction of its own.
+            _given_up(outcomes, completed)
+            await self._solo(conn, [it for it, _ in completed])
+            return
         _settle(outcomes + [(it, payload, None) for it, payload in completed])
+
+    # -- the last resort: one transaction a job ---------------------------------
+
+    async def _solo(
+        self, conn: psycopg.AsyncConnection[Any], items: list[AsyncBatchItem]
+    ) -> None:
+        """Run each job in a transaction of its own, completed with its COMMIT."""
+        for item in items:
+            if _dropped(item):
+                error = JobTimeout("the attempt was abandoned before it ran")
+                _settle([(item, None, error)])
+                continue
+            try:
+                await conn.execute("begin")
+                payload = await self._run(conn, item)
+                item.set_completing(True)
+                async with conn.pipeline():
+                    await conn.execute(
+                        self._complete_one, [item.job_id, item.lease_token, payload]
+                    )
+                    await conn.execute("commit")
+            except Exception as exc:
+                item.set_completing(False)
+                if conn.broken or conn.closed:
+                    raise _Broken() from exc
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    await conn.execute("rollback")
+                _settle([(item, None, exc)])
+                continue
+            _settle([(item, payload, None)])
+
+    async def _run(
+        self, conn: psycopg.AsyncConnection[Any], item: AsyncBatchItem
+    ) -> str | None:
+        """Run one handler in the open transaction and check it left it usable.
+
+        A CancelledError out of a handler that nobody cancelled (it awaited a
+        task it had cancelled itself, say) is that job's failure, not the
+        lane's end.
+        """
+        try:
+            payload = await item.run(conn)
+        except asyncio.CancelledError:
+            if self._closing or _cancelling():
+                raise
+            raise HandlerCancelled(
+                "the handler raised CancelledError without the worker cancelling it"
+            ) from None
+        check_left_open(conn.info.transaction_status)
+        return payload
 
 
 def _given_up(
@@ -286,8 +348,9 @@ def _given_up(
     return _Broken()
 
 
-async def _run(conn: psycopg.AsyncConnection[Any], item: AsyncBatchItem) -> str | None:
-    """Run one handler in the open transaction and check it left it usable."""
-    payload = await item.run(conn)
-    check_left_open(conn.info.transaction_status)
-    return payload
+def _cancelling() -> bool:
+    """True while the running task is being cancelled (Python 3.11+; on 3.10
+    the batcher's own flag says when its lanes are)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 
 import pgqueue
@@ -223,9 +224,8 @@ def test_a_handler_that_times_out_mid_query_fails_alone(
 ) -> None:
     """A handler whose query outlives the task's timeout: the query is
     cancelled, that job fails with JobTimeout and writes nothing, and its batch
-    mates commit once. (A sync job's timeout runs from the hand-over to the
-    batch, so the jobs queued behind the slow one may time out too, and run
-    again: hence the retries.)"""
+    mates commit once: a timeout counts the handler's own run, not the time a
+    job waits behind a slow batch mate."""
     conn.execute("create table business (job_id bigint primary key, n int)")
     app = pgqueue.App(dsn)
     insert = "insert into business values (%s, %s)"
@@ -257,3 +257,180 @@ def test_a_handler_that_times_out_mid_query_fails_alone(
         "select id, errors -> -1 ->> 'kind' from pgqueue.dead_jobs"
     ).fetchall()
     assert dead == [(ids[3], "JobTimeout")]
+    # None of the others timed out waiting behind it: each succeeded at once.
+    assert conn.execute(
+        "select count(*) from pgqueue.finished_jobs"
+        " where state = 'succeeded' and attempts = 0"
+    ).fetchone() == (7,)
+
+
+def test_a_handler_that_lets_a_cancellation_out_fails_alone_and_the_lane_goes_on(
+    dsn: str, conn: Conn
+) -> None:
+    """An async handler awaits a task it cancelled itself, so CancelledError
+    leaves it though nobody cancelled the worker: that job fails, and the one
+    lane (concurrency 2, batches of 2) keeps running the others."""
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=1)
+    async def job(ctx: pgqueue.JobContext, n: int) -> int:
+        await ctx.conn.execute("select 1")
+        if n == 0:
+            doomed = asyncio.ensure_future(asyncio.sleep(10))
+            doomed.cancel()
+            await doomed
+        return n
+
+    with running_worker(app, concurrency=2, prefetch=0, tx_batch=2):
+        bad = job.enqueue(conn, n=0)
+        wait_until(lambda: finished(conn, [bad]), timeout=10)
+        ids = job.enqueue_many(conn, [{"n": n} for n in range(1, 5)])
+        wait_until(lambda: finished(conn, ids), timeout=15)
+    assert conn.execute(
+        "select state::text, errors -> -1 ->> 'kind' from pgqueue.finished_jobs"
+        " where id = %s",
+        [bad],
+    ).fetchone() == ("dead", "HandlerCancelled")
+
+
+@KINDS
+def test_a_rerun_in_a_batch_is_timed_too(dsn: str, conn: Conn, kind: str) -> None:
+    """Job 0 runs quickly, job 1 fails, so job 0 runs again (in a savepoint),
+    this time past its timeout: that run times out like any other."""
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[int] = collections.Counter()
+    insert = "insert into business values (%s, %s)"
+    nap = "select pg_sleep(case when %s then 30 else 0 end)"
+
+    def fail_one(n: int) -> None:
+        if n == 1:
+            raise ValueError("job 1 fails")
+
+    if kind == "sync":
+
+        @app.task(max_attempts=1, timeout=1.0)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            runs[n] += 1
+            ctx.conn.execute(insert, [ctx.job.id, n])
+            ctx.conn.execute(nap, [n == 0 and runs[0] == 2])
+            fail_one(n)
+
+    else:
+
+        @app.task(max_attempts=1, timeout=1.0)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            runs[n] += 1
+            await ctx.conn.execute(insert, [ctx.job.id, n])
+            await ctx.conn.execute(nap, [n == 0 and runs[0] == 2])
+            fail_one(n)
+
+    ids = record.enqueue_many(conn, [{"n": 0}, {"n": 1}])
+    with running_worker(app, concurrency=2, prefetch=2, tx_batch=2):
+        wait_until(lambda: finished(conn, ids), timeout=20)
+    assert runs[0] == 2  # it ran again after its batch mate failed
+    assert conn.execute(
+        "select id, state::text, errors -> -1 ->> 'kind' from pgqueue.finished_jobs"
+        " order by id"
+    ).fetchall() == [(ids[0], "dead", "JobTimeout"), (ids[1], "dead", "ValueError")]
+    assert business_rows(conn) == []
+
+
+@KINDS
+def test_a_batch_that_cannot_connect_fails_its_job_which_runs_again(
+    dsn: str, conn: Conn, server_dsn: str, kind: str
+) -> None:
+    """When the first job arrives the database refuses new connections for a
+    moment, so the batch thread (or lane) cannot connect: that job fails, and
+    runs again once connections are allowed."""
+    app = pgqueue.App(dsn)
+
+    if kind == "sync":
+
+        @app.task(max_attempts=5, retry=FAST_RETRY)
+        def record(ctx: pgqueue.JobContext, n: int) -> int:
+            ctx.conn.execute("select 1")
+            return n
+
+    else:
+
+        @app.task(max_attempts=5, retry=FAST_RETRY)
+        async def record(ctx: pgqueue.JobContext, n: int) -> int:
+            await ctx.conn.execute("select 1")
+            return n
+
+    database = psycopg.sql.Identifier(conn.info.dbname)
+    with (
+        running_worker(app, concurrency=2, tx_batch=2),
+        psycopg.connect(server_dsn, autocommit=True) as admin,
+    ):
+        wait_until(
+            lambda: (
+                conn.execute("select count(*) from pgqueue.workers").fetchone() == (1,)
+            )
+        )
+        admin.execute(
+            psycopg.sql.SQL("alter database {} allow_connections false").format(
+                database
+            )
+        )
+        try:
+            job = record.enqueue(conn, n=1)
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "select attempts from pgqueue.jobs where id = %s", [job]
+                    ).fetchone()
+                    == (1,)
+                )
+            )
+        finally:
+            admin.execute(
+                psycopg.sql.SQL("alter database {} allow_connections true").format(
+                    database
+                )
+            )
+        wait_until(lambda: finished(conn, [job]), timeout=20)
+    assert conn.execute(
+        "select state::text, result from pgqueue.finished_jobs where id = %s", [job]
+    ).fetchone() == ("succeeded", 1)
+
+
+@KINDS
+def test_a_deferred_constraint_that_fails_at_commit_fails_only_its_job(
+    dsn: str, conn: Conn, kind: str
+) -> None:
+    """Job 3 breaks a deferred foreign key, which only the COMMIT checks: the
+    batch's COMMIT fails, then the careful one; each job then commits on its
+    own, and job 3 alone fails."""
+    conn.execute("create table parent (id int primary key)")
+    conn.execute("insert into parent values (1)")
+    conn.execute(
+        "create table business (job_id bigint primary key, n int,"
+        " p int references parent deferrable initially deferred)"
+    )
+    app = pgqueue.App(dsn)
+    insert = "insert into business values (%s, %s, %s)"
+
+    if kind == "sync":
+
+        @app.task(max_attempts=1)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            ctx.conn.execute(insert, [ctx.job.id, n, 999 if n == 3 else 1])
+
+    else:
+
+        @app.task(max_attempts=1)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            await ctx.conn.execute(insert, [ctx.job.id, n, 999 if n == 3 else 1])
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(8)])
+    with running_worker(app, concurrency=8, prefetch=8, tx_batch=8):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    states = dict(
+        conn.execute("select id, state::text from pgqueue.finished_jobs").fetchall()
+    )
+    assert states == {
+        job_id: ("dead" if n == 3 else "succeeded") for n, job_id in enumerate(ids)
+    }
+    assert [n for _, n in business_rows(conn)] == [0, 1, 2, 4, 5, 6, 7]
