@@ -98,8 +98,9 @@ class Worker(JobExecution):
             ``retention``, in batches.
         retention: how long finished jobs are kept; None: this worker never
             prunes (prune with ``pgqueue prune`` instead).
-        listen: use LISTEN/NOTIFY (False: poll only, e.g. behind PgBouncer in
-            transaction mode).
+        listen: use LISTEN/NOTIFY, and hold the listening locks while waiting
+            so that enqueues NOTIFY (sql/migrations/0016). False: poll only and
+            take no session lock, e.g. behind PgBouncer in transaction mode.
     """
 
     def __init__(
