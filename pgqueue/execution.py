@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -110,6 +110,10 @@ class Attempt:
     started: float
     future: asyncio.Future[Any] | None = None
     sync_conn: psycopg.Connection[Any] | None = None
+    # Held while a timeout cancels sync_conn's query, and while the handler's
+    # thread lets go of sync_conn: a late cancel cannot reach the statement
+    # that thread sends next (a batch mate's, or the next job's).
+    conn_lock: threading.Lock = field(default_factory=threading.Lock)
     timed_out: bool = False
     abandoned: bool = False  # handed back at shutdown: must not complete
     lease_lost: bool = False
@@ -165,12 +169,13 @@ def _set_completing(attempt: Attempt, value: bool) -> None:
 
 @dataclass(eq=False, slots=True)
 class RunClock:
-    """When the current run of a sync batch job's handler started, as the
-    event loop saw it (None between runs). A job may run more than once in its
+    """When the current run of a sync batch job's handler started, or the last
+    one ended, as the event loop saw it. A job may run more than once in its
     batch (txbatch.py): each run is timed on its own."""
 
     changed: asyncio.Event
     running_since: float | None = None
+    ended_at: float | None = None
 
 
 def _run_began(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
@@ -178,20 +183,37 @@ def _run_began(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
     clock.changed.set()
 
 
-def _run_ended(clock: RunClock) -> None:
+def _run_ended(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
     clock.running_since = None
+    clock.ended_at = loop.time()
     clock.changed.set()
 
 
+def _ran_too_long(task: Task) -> str:
+    return f"{task.name} ran longer than its timeout of {task.timeout} s"
+
+
+def _cancel_query(attempt: Attempt) -> None:
+    """Cancel the query a timed-out sync attempt may be running (in a thread:
+    the cancel request takes a connection of its own)."""
+    with attempt.conn_lock:
+        if attempt.sync_conn is not None:
+            with contextlib.suppress(Exception):
+                attempt.sync_conn.cancel_safe(timeout=1.0)
+
+
 async def _wait_batched(
-    future: asyncio.Future[str | None], clock: RunClock | None, timeout: float | None
-) -> bool:
-    """Wait for a job run in a sync batch; True if a run of its handler lasted
-    longer than ``timeout`` (from its start to its return: not its wait for a
-    batch thread or for its batch's COMMIT)."""
+    future: asyncio.Future[str | None], clock: RunClock | None, task: Task
+) -> str | None:
+    """Wait for a job run in a sync batch. Returns why it timed out, if it did:
+    a run of its handler lasted longer than the task's timeout (from its start
+    to its return: not its wait for a batch thread), or, after its run, its
+    batch did not commit within twice the timeout and a second (a batch mate
+    hangs where a cancel cannot reach it)."""
+    timeout = task.timeout
     if clock is None or timeout is None:
         await asyncio.wait({future})
-        return False
+        return None
     loop = asyncio.get_running_loop()
     while not future.done():
         clock.changed.clear()
@@ -199,7 +221,17 @@ async def _wait_batched(
         if clock.running_since is not None:
             left = timeout - (loop.time() - clock.running_since)
             if left <= 0:
-                return True
+                return _ran_too_long(task)
+        elif clock.ended_at is not None:
+            # A batch mate may still run for up to its own timeout, and the
+            # batch then run again without it: only past that is it hung.
+            patience = 2 * timeout + 1.0
+            left = patience - (loop.time() - clock.ended_at)
+            if left <= 0:
+                return (
+                    f"{task.name} finished, but its batch did not commit within"
+                    f" {patience} s (twice its timeout and a second)"
+                )
         changed = asyncio.ensure_future(clock.changed.wait())
         try:
             waiting: set[asyncio.Future[Any]] = {changed, future}
@@ -208,7 +240,7 @@ async def _wait_batched(
             )
         finally:
             changed.cancel()
-    return False
+    return None
 
 
 @dataclass(slots=True)
@@ -401,28 +433,20 @@ class JobExecution:
                     loop=self._loop,
                 )
             )
-            timed_out = await _wait_batched(future, clock, task.timeout)
+            timed_out = await _wait_batched(future, clock, task)
         else:
             future = self._loop.run_in_executor(
                 self._executor, self._call_sync, attempt, task, args
             )
             done, _ = await asyncio.wait({future}, timeout=task.timeout)
-            timed_out = not done
+            timed_out = None if done else _ran_too_long(task)
         if timed_out:
             # A thread cannot be killed: fail the attempt now, interrupt its query,
             # and keep its slot until it returns. Its transaction never commits:
             # the timed_out flag stops the completion, and fencing would too.
             attempt.timed_out = True
-            if attempt.sync_conn is not None:
-                with contextlib.suppress(Exception):
-                    attempt.sync_conn.cancel_safe(timeout=1.0)
-            self._fail(
-                attempt,
-                task,
-                JobTimeout(
-                    f"{task.name} ran longer than its timeout of {task.timeout} s"
-                ),
-            )
+            await asyncio.to_thread(_cancel_query, attempt)
+            self._fail(attempt, task, JobTimeout(timed_out))
             with contextlib.suppress(BaseException):
                 await future
             return
@@ -471,7 +495,8 @@ class JobExecution:
                 raise lost from exc
             raise
         finally:
-            attempt.sync_conn = None
+            with attempt.conn_lock:
+                attempt.sync_conn = None
 
     def _run_in_batch(
         self,
@@ -500,9 +525,10 @@ class JobExecution:
                 raise JobTimeout("the attempt was abandoned; rolled back")
             return payload
         finally:
-            attempt.sync_conn = None
+            with attempt.conn_lock:
+                attempt.sync_conn = None
             if clock is not None:
-                loop.call_soon_threadsafe(_run_ended, clock)
+                loop.call_soon_threadsafe(_run_ended, clock, loop)
 
     def _new_connection(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(

@@ -19,11 +19,21 @@ When something goes wrong the batch falls back to one savepoint per job:
   in the batch run again, each in its own savepoint;
 - ``complete_all`` finds a lease lost (the worker stalled past its lease): it
   raises, the COMMIT rolls back, and the batch runs again one savepoint per
-  job, where each completion (``complete_one``) is fenced alone.
+  job, where each completion (``complete_one``) is fenced alone;
+- a job that ran was given up meanwhile (it timed out waiting for the COMMIT,
+  or was handed back): the batch rolls back and the others run again, one
+  savepoint each.
 
-So a handler may run twice although it succeeded: when another job of its
-batch failed. Its first run left no trace in the database (it was rolled
-back); keep side effects outside the database idempotent, as for any retry.
+And when that transaction's COMMIT itself fails on a healthy connection (a
+deferred constraint one job broke), each job that succeeded in it runs once
+more, in a transaction of its own.
+
+So a handler may run again although it succeeded (at most three times): when
+another job of its batch failed. Its earlier runs left no trace in the
+database (they were rolled back); keep side effects outside the database
+idempotent, as for any retry. A job's timeout counts each run of its
+handler; after a run, a job waits for its batch's COMMIT up to twice its
+timeout and a second (a batch mate may be hung where no cancel reaches it).
 
 The price of batching: a job's completion commits with the batch, so a long
 handler delays the commit of the jobs before it in the same batch (at most
@@ -223,6 +233,12 @@ class TxBatcher:
         """Complete every job that ran and COMMIT, in one round trip."""
         if not ran:
             conn.execute("commit")
+            return []
+        if any(item.is_dropped() for item, _ in ran):
+            # One timed out (waiting for this COMMIT) or was handed back since it
+            # ran: its writes must not commit. The others again, without it.
+            conn.execute("rollback")
+            self._careful(conn, [it for it, _ in ran])
             return []
         for item, _ in ran:
             item.set_completing(True)

@@ -208,6 +208,12 @@ class AsyncTxBatcher:
             except psycopg.Error as exc:
                 raise _Broken() from exc
             return []
+        if any(_dropped(item) for item, _ in ran):
+            # One was handed back (shutdown) since it ran: its writes must not
+            # commit. The others again, without it.
+            await conn.execute("rollback")
+            await self._careful(conn, [it for it, _ in ran])
+            return []
         for item, _ in ran:
             item.set_completing(True)
         try:

@@ -434,3 +434,76 @@ def test_a_deferred_constraint_that_fails_at_commit_fails_only_its_job(
         job_id: ("dead" if n == 3 else "succeeded") for n, job_id in enumerate(ids)
     }
     assert [n for _, n in business_rows(conn)] == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_a_timed_out_jobs_cancel_does_not_reach_its_batch_mate(
+    dsn: str, conn: Conn
+) -> None:
+    """Job A (odd n) returns just past its timeout, as its cancel is on its
+    way; its batch mate B then runs again on the same connection. The cancel
+    must not land on B's statements: B never fails."""
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[int] = collections.Counter()
+
+    @app.task(max_attempts=2, retry=FAST_RETRY, timeout=0.3)
+    def record(ctx: pgqueue.JobContext, n: int, delta: float) -> None:
+        runs[n] += 1
+        ctx.conn.execute("select 1")
+        if n % 2:
+            if ctx.attempt == 1:
+                time.sleep(0.3 + delta)
+        elif runs[n] == 2:
+            ctx.conn.execute("select pg_sleep(0.2)")
+
+    mates = []
+    with running_worker(app, concurrency=2, prefetch=2, tx_batch=2):
+        for k in range(16):
+            delta = k * 0.0005
+            ids = record.enqueue_many(
+                conn, [{"n": 2 * k, "delta": delta}, {"n": 2 * k + 1, "delta": delta}]
+            )
+            mates.append(ids[0])
+            wait_until(lambda: finished(conn, ids), timeout=20)  # noqa: B023
+    failed = conn.execute(
+        "select id, errors -> 0 ->> 'error' from pgqueue.finished_jobs"
+        " where id = any(%s) and attempts > 0",
+        [mates],
+    ).fetchall()
+    assert failed == []
+
+
+def test_a_batch_mate_hung_past_its_timeout_does_not_hold_the_others(
+    dsn: str, conn: Conn
+) -> None:
+    """One batch thread; job 1 hangs where no query cancel reaches it
+    (time.sleep past its timeout) after job 0 ran in the same batch. Job 1
+    fails at its timeout; job 0, whose batch cannot commit, fails too after
+    waiting twice its timeout and a second, rather than for as long as job 1
+    hangs, and both run again once the thread is free."""
+    conn.execute("create table business (job_id bigint primary key, n int)")
+    app = pgqueue.App(dsn)
+    gate = threading.Event()
+
+    @app.task(max_attempts=2, retry=FAST_RETRY, timeout=0.5)
+    def record(ctx: pgqueue.JobContext, n: int) -> None:
+        ctx.conn.execute("insert into business values (%s, %s)", [ctx.job.id, n])
+        if n == 1 and ctx.attempt == 1:
+            gate.wait(10)
+
+    def attempts(job_id: int) -> Any:
+        return conn.execute(
+            "select attempts from pgqueue.jobs_overview where id = %s", [job_id]
+        ).fetchone()
+
+    ids = record.enqueue_many(conn, [{"n": 0}, {"n": 1}])
+    try:
+        with running_worker(app, concurrency=2, prefetch=0, tx_batch=2):
+            started = time.monotonic()
+            wait_until(lambda: attempts(ids[0]) == (1,), timeout=9)
+            waited = time.monotonic() - started
+            gate.set()
+            wait_until(lambda: finished(conn, ids), timeout=20)
+    finally:
+        gate.set()
+    assert waited < 5, f"job 0 waited {waited:.1f} s behind its hung batch mate"
+    assert business_rows(conn) == [(ids[0], 0), (ids[1], 1)]
