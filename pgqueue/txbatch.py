@@ -291,16 +291,11 @@ class TxBatcher:
                 )
                 continue
             try:
-                payload = _run(conn, item)
-                item.set_completing(True)
                 # complete_one raises PQ004 when the lease was lost, which skips
                 # the rest of the pipeline; the job's savepoint then rolls back.
-                with conn.pipeline():
-                    conn.execute(
-                        self._complete_one, [item.job_id, item.lease_token, payload]
-                    )
-                    conn.execute("release savepoint job")
-                    conn.execute("savepoint job")
+                payload = self._run_and_complete(
+                    conn, item, ("release savepoint job", "savepoint job")
+                )
                 completed.append((item, payload))
             except BaseException as exc:
                 item.set_completing(False)
@@ -324,6 +319,19 @@ class TxBatcher:
             return
         _settle(outcomes + [(it, payload, None) for it, payload in completed])
 
+    def _run_and_complete(
+        self, conn: psycopg.Connection[Any], item: BatchItem, then: tuple[str, ...]
+    ) -> str | None:
+        """Run one job's handler, then send its fenced completion and ``then``
+        in one round trip; returns the result's JSON."""
+        payload = _run(conn, item)
+        item.set_completing(True)
+        with conn.pipeline():
+            conn.execute(self._complete_one, [item.job_id, item.lease_token, payload])
+            for statement in then:
+                conn.execute(statement)
+        return payload
+
     # -- the last resort: one transaction a job ---------------------------------
 
     def _solo(self, conn: psycopg.Connection[Any], items: list[BatchItem]) -> None:
@@ -335,13 +343,7 @@ class TxBatcher:
                 continue
             try:
                 conn.execute("begin")
-                payload = _run(conn, item)
-                item.set_completing(True)
-                with conn.pipeline():
-                    conn.execute(
-                        self._complete_one, [item.job_id, item.lease_token, payload]
-                    )
-                    conn.execute("commit")
+                payload = self._run_and_complete(conn, item, ("commit",))
             except BaseException as exc:
                 item.set_completing(False)
                 if conn.broken or conn.closed:

@@ -261,16 +261,11 @@ class AsyncTxBatcher:
                 )
                 continue
             try:
-                payload = await self._run(conn, item)
-                item.set_completing(True)
                 # complete_one raises PQ004 when the lease was lost, which skips
                 # the rest of the pipeline; the job's savepoint then rolls back.
-                async with conn.pipeline():
-                    await conn.execute(
-                        self._complete_one, [item.job_id, item.lease_token, payload]
-                    )
-                    await conn.execute("release savepoint job")
-                    await conn.execute("savepoint job")
+                payload = await self._run_and_complete(
+                    conn, item, ("release savepoint job", "savepoint job")
+                )
                 completed.append((item, payload))
             except Exception as exc:
                 item.set_completing(False)
@@ -304,13 +299,7 @@ class AsyncTxBatcher:
                 continue
             try:
                 await conn.execute("begin")
-                payload = await self._run(conn, item)
-                item.set_completing(True)
-                async with conn.pipeline():
-                    await conn.execute(
-                        self._complete_one, [item.job_id, item.lease_token, payload]
-                    )
-                    await conn.execute("commit")
+                payload = await self._run_and_complete(conn, item, ("commit",))
             except Exception as exc:
                 item.set_completing(False)
                 if conn.broken or conn.closed:
@@ -320,6 +309,24 @@ class AsyncTxBatcher:
                 _settle([(item, None, exc)])
                 continue
             _settle([(item, payload, None)])
+
+    async def _run_and_complete(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        item: AsyncBatchItem,
+        then: tuple[str, ...],
+    ) -> str | None:
+        """Run one job's handler, then send its fenced completion and ``then``
+        in one round trip; returns the result's JSON."""
+        payload = await self._run(conn, item)
+        item.set_completing(True)
+        async with conn.pipeline():
+            await conn.execute(
+                self._complete_one, [item.job_id, item.lease_token, payload]
+            )
+            for statement in then:
+                await conn.execute(statement)
+        return payload
 
     async def _run(
         self, conn: psycopg.AsyncConnection[Any], item: AsyncBatchItem
