@@ -366,11 +366,9 @@ class Worker(JobExecution):
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if len(rows) == limit:
-                    self._full_leases += 1
-                else:
-                    self._full_leases = 0
-                if len(rows) == limit and not self._stopping:
+                full = len(rows) == limit
+                self._full_leases = self._full_leases + 1 if full else 0
+                if full and not self._stopping:
                     self._lease_ahead(len(rows))
                 self._ready.extend(self._jobs(rows))
                 if self._stopping:
