@@ -78,6 +78,11 @@ class JobTimeout(PgqueueError):
     """The handler ran longer than its task's timeout."""
 
 
+class HandlerCancelled(PgqueueError):
+    """A handler let a CancelledError out though the worker did not cancel it
+    (it awaited something another part of the program cancelled, say)."""
+
+
 class HandlerOutcome(Exception):
     """Base of outcomes a handler may raise on purpose."""
 

@@ -28,6 +28,7 @@ from pgqueue.app import App
 from pgqueue.context import JobContext, new_context
 from pgqueue.errors import (
     ArgumentsNotSerializable,
+    HandlerCancelled,
     JobTimeout,
     LeaseLost,
     Retry,
@@ -46,6 +47,7 @@ MAX_RETRY_DELAY = 100 * 366 * 86400.0  # seconds, as far as enqueue schedules
 _MAX_ERROR_CHARS = 2000
 _MAX_TRACEBACK_CHARS = 8000
 _BIG_INT = 10**18  # smaller ints skip the JSON encoder (a result of 1 is common)
+_STRAY_CANCEL = "the handler raised CancelledError without the worker cancelling it"
 
 
 def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
@@ -161,6 +163,16 @@ def _bounded_delay(delay: object) -> float:
     if not seconds >= 0:  # negative or NaN
         return 0.0
     return min(seconds, MAX_RETRY_DELAY)
+
+
+def _call_sync_handler(task: Task, ctx: JobContext, args: dict[str, Any]) -> Any:
+    """Call a sync handler. A StopIteration it lets out becomes a RuntimeError,
+    as one leaving a generator does (PEP 479): a Future refuses StopIteration,
+    and the job would never end."""
+    try:
+        return task.func(ctx, **args)
+    except StopIteration as exc:
+        raise RuntimeError("the handler raised StopIteration") from exc
 
 
 def _set_completing(attempt: Attempt, value: bool) -> None:
@@ -303,7 +315,11 @@ class JobExecution:
             else:
                 await self._run_sync(attempt, task, args)
         except asyncio.CancelledError:
-            raise
+            if attempt.abandoned:  # shutdown cancelled it
+                raise
+            # The handler's own: failing its job keeps it from reaching the
+            # loop that started it (eager.start runs it in the caller's frame).
+            self._fail(attempt, task, HandlerCancelled(_STRAY_CANCEL))
         except LeaseLost:
             self._lease_was_lost(attempt)
         except Exception as exc:
@@ -468,12 +484,14 @@ class JobExecution:
         """Run a sync handler (in a pool thread). Returns the result's JSON."""
         job = attempt.job
         if not task.transactional:
-            return self._result_json(task.func(self._context(job, None), **args))
+            return self._result_json(
+                _call_sync_handler(task, self._context(job, None), args)
+            )
         conn = self._thread_connection()
         attempt.sync_conn = conn
         try:
             conn.execute("begin")
-            result = task.func(self._context(job, conn), **args)
+            result = _call_sync_handler(task, self._context(job, conn), args)
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")
@@ -519,7 +537,7 @@ class JobExecution:
         if clock is not None:
             loop.call_soon_threadsafe(_run_began, clock, loop)
         try:
-            result = task.func(self._context(job, conn), **args)
+            result = _call_sync_handler(task, self._context(job, conn), args)
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")

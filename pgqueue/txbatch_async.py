@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from pgqueue.errors import JobTimeout
+from pgqueue.errors import HandlerCancelled, JobTimeout
 from pgqueue.txbatch import check_left_open
 
 
@@ -48,10 +48,6 @@ Outcome = tuple[AsyncBatchItem, "str | None", "BaseException | None"]
 
 class _Broken(Exception):
     """The connection failed: the whole open transaction is gone."""
-
-
-class HandlerCancelled(Exception):
-    """A handler let a CancelledError out though the worker did not cancel it."""
 
 
 def _settle(outcomes: Sequence[Outcome]) -> None:

@@ -157,7 +157,9 @@ class Worker(JobExecution):
         self._stmts = _sql.statements(app.schema)
         self._log = get_logger(worker_id=self.worker_id)
         self._log_info = is_info_enabled(self._log)
-        self._running: dict[int, Attempt] = {}
+        # By attempt, not job id: a timed-out attempt keeps its slot until its
+        # thread returns, and its job may be leased here again meanwhile.
+        self._running: set[Attempt] = set()
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[Attempt, str | None]] = []
         self._failed: list[Failure] = []  # failures the flusher has yet to write
@@ -543,12 +545,12 @@ class Worker(JobExecution):
 
     def _start(self, job: Job) -> None:
         attempt = Attempt(job=job, started=time.perf_counter())
-        self._running[job.id] = attempt
+        self._running.add(attempt)
         # Eagerly: a handler that never waits (a short async job) finishes here
         # without a Task of its own, which cost more than the job (eager.py).
         future = eager.start(self._run(attempt))
         if future is None:
-            del self._running[job.id]
+            self._running.discard(attempt)
             return
         attempt.future = future
         future.add_done_callback(lambda _: self._finished(attempt))
@@ -558,7 +560,7 @@ class Worker(JobExecution):
             self._start(self._ready.popleft())
 
     def _finished(self, attempt: Attempt) -> None:
-        self._running.pop(attempt.job.id, None)
+        self._running.discard(attempt)
         if not self._stopping:
             self._dispatch()
         self._wake_up()
@@ -648,11 +650,7 @@ class Worker(JobExecution):
             await asyncio.sleep(interval)
             # Jobs completed in a batch not yet committed hold their row locks;
             # they are skipped (the reaper skips locked rows too).
-            running = [
-                a
-                for a in self._running.values()
-                if not a.timed_out and not a.completing
-            ]
+            running = [a for a in self._running if not a.timed_out and not a.completing]
             held = [a.job for a in running]
             held += [a.job for a, _ in self._done]
             held += [f.attempt.job for f in self._failed]
@@ -679,7 +677,7 @@ class Worker(JobExecution):
                 if (
                     attempt.job.id not in alive
                     and not attempt.lease_lost
-                    and self._running.get(attempt.job.id) is attempt
+                    and attempt in self._running
                     and attempt.in_flight()
                 ):
                     attempt.lease_lost = True
@@ -744,13 +742,13 @@ class Worker(JobExecution):
     # -- shutdown -----------------------------------------------------------------
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
-        pending = [a.future for a in self._running.values() if a.future is not None]
+        pending = [a.future for a in self._running if a.future is not None]
         if pending:
             self._log.info(
                 "worker_draining", jobs=len(pending), grace_s=self.shutdown_grace
             )
             await asyncio.wait(pending, timeout=self.shutdown_grace)
-        left = list(self._running.values())
+        left = list(self._running)
         unstarted = list(self._ready)
         self._ready.clear()
         if left or unstarted:
