@@ -796,6 +796,8 @@ class Worker(JobExecution):
             "worker_stopped",
             succeeded=self.counters.succeeded,
             failed=self.counters.failed,
+            leased=self.counters.leased,
+            lease_calls=self.counters.lease_calls,
         )
 
     # -- database helpers ---------------------------------------------------------
