@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import _sql, serialization, tracebacks
@@ -563,8 +564,20 @@ class JobExecution:
         pool: a checkout and return per job cost more than the job's own SQL.
         """
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = self._local.conn = self._new_connection()
+        if conn is not None:
+            if (
+                not conn.closed
+                and not conn.broken
+                and conn.info.transaction_status == TransactionStatus.IDLE
+            ):
+                return conn
+            # Broken, or the last job's ROLLBACK failed (a timeout's cancel can
+            # land on it): a transaction left open must not become this job's.
+            with contextlib.suppress(Exception):
+                conn.close()
+            with self._thread_conns_lock, contextlib.suppress(ValueError):
+                self._thread_conns.remove(conn)
+        conn = self._local.conn = self._new_connection()
         return conn
 
     def _result_json(self, result: Any) -> str | None:

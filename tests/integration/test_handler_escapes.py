@@ -146,3 +146,36 @@ def test_a_job_leased_again_while_its_timed_out_thread_runs_is_waited_for(
         "select state::text, attempts, result from pgqueue.jobs_overview where id = %s",
         [job_id],
     ).fetchone() == ("succeeded", 1, 2)
+
+
+def test_a_connection_the_rollback_could_not_reset_is_not_given_to_the_next_job(
+    dsn: str, conn: Conn
+) -> None:
+    """A sync job whose ROLLBACK failed (here: its handler left a query
+    running on the connection; in life, a timeout's cancel landing on the
+    ROLLBACK) leaves that connection out of an idle state. The next job on the
+    same thread gets a new connection instead of failing at its BEGIN."""
+    app = pgqueue.App(dsn)
+
+    @app.task(max_attempts=1)
+    def leaves_a_query_running(ctx: pgqueue.JobContext) -> None:
+        assert ctx.conn is not None
+        ctx.conn.pgconn.send_query(b"select pg_sleep(0.2)")
+        raise RuntimeError("gave up with a query in flight")
+
+    @app.task()
+    def fine(ctx: pgqueue.JobContext) -> int:
+        assert ctx.conn is not None
+        ctx.conn.execute("select 1")
+        return 1
+
+    leaves_a_query_running.enqueue(conn)
+    fine.enqueue_many(conn, [{}] * 3)
+    with running_worker(app, concurrency=1, lease_seconds=600):
+        wait_until(lambda: all_finished(conn), timeout=10)
+    assert outcomes(conn) == [
+        ("leaves_a_query_running", "dead", 1, "RuntimeError"),
+        ("fine", "succeeded", 0, None),
+        ("fine", "succeeded", 0, None),
+        ("fine", "succeeded", 0, None),
+    ]
