@@ -1,5 +1,10 @@
 """Start a coroutine at once and give it a Task only if it has to wait.
 
+The worker uses it for its own lease calls, not for handlers: its first step
+runs in the caller's Task (or in none), so ``asyncio.current_task()``, and
+with it ``asyncio.timeout``, TaskGroup and anyio, would see the wrong Task.
+A handler gets a Task of its own (started eagerly on Python 3.12 and later).
+
 A worker that runs many short async handlers pays more for a Task per job
 (create, schedule, step, done callback) than for the handler itself: about
 14 us of CPU per job on our 2-core benchmark machine (100,000 trivial

@@ -78,6 +78,12 @@ class JobTimeout(PgqueueError):
     """The handler ran longer than its task's timeout."""
 
 
+class HandlerRaisedBaseException(PgqueueError):
+    """A handler in a transaction batch let out a BaseException that is not an
+    Exception (SystemExit, GeneratorExit, a class of its own): its job fails
+    with this, caused by the original."""
+
+
 class HandlerCancelled(PgqueueError):
     """A handler let a CancelledError out though the worker did not cancel it
     (it awaited something another part of the program cancelled, say)."""

@@ -34,10 +34,10 @@ from pgqueue.errors import (
     LeaseLost,
     Retry,
 )
-from pgqueue.jobs import Job
+from pgqueue.jobs import Job, UnreadableArgs
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
-from pgqueue.txbatch import BatchItem, TxBatcher
+from pgqueue.txbatch import BatchItem, TxBatcher, check_left_open
 from pgqueue.txbatch_async import AsyncBatchItem, AsyncTxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
@@ -148,9 +148,13 @@ class Failure:
 
 
 def _storable(text: str, limit: int) -> str:
-    """``text`` as jsonb can hold it: its last ``limit`` characters, no NUL, and
-    lone surrogates (which UTF-8 cannot encode) written as escapes."""
-    text = text[-limit:].replace("\x00", "")
+    """``text`` as jsonb can hold it: at most ``limit`` characters (its head
+    and its tail when longer), no NUL, and lone surrogates (which UTF-8 cannot
+    encode) written as escapes."""
+    if len(text) > limit:
+        half = (limit - 5) // 2
+        text = text[:half] + " ... " + text[-half:]
+    text = text.replace("\x00", "")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -159,8 +163,8 @@ def _bounded_delay(delay: object) -> float:
     MAX_RETRY_DELAY (a delay that is no number, or NaN, is 0)."""
     try:
         seconds = float(delay)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0.0
+    except (TypeError, ValueError, OverflowError):  # 10**400 overflows a float
+        return MAX_RETRY_DELAY if isinstance(delay, int) and delay > 0 else 0.0
     if not seconds >= 0:  # negative or NaN
         return 0.0
     return min(seconds, MAX_RETRY_DELAY)
@@ -297,6 +301,10 @@ class JobExecution:
 
     def _bind_args(self, task: Task, job: Job) -> dict[str, Any]:
         """The job's arguments as keywords, checked against the handler."""
+        if type(job.args) is UnreadableArgs:
+            raise ArgumentsNotSerializable(
+                f"job {job.id} has arguments Python cannot read: {job.args.reason}"
+            )
         if type(job.args) is not dict:
             raise ArgumentsNotSerializable(
                 f"job {job.id} has arguments of JSON type {type(job.args).__name__}; "
@@ -318,12 +326,15 @@ class JobExecution:
         except asyncio.CancelledError:
             if attempt.abandoned:  # shutdown cancelled it
                 raise
-            # The handler's own: failing its job keeps it from reaching the
-            # loop that started it (eager.start runs it in the caller's frame).
+            # The handler's own: it fails its job, like any other exception.
             self._fail(attempt, task, HandlerCancelled(_STRAY_CANCEL))
         except LeaseLost:
             self._lease_was_lost(attempt)
-        except Exception as exc:
+        except BaseException as exc:
+            # Any exception a handler lets out fails its job only, SystemExit
+            # and KeyboardInterrupt from inside a handler included (a command
+            # line tool it called, say): they are not the worker's signals,
+            # which it handles itself, and the attempt must be counted.
             self._fail(attempt, task, exc)
 
     def _log_started(self, attempt: Attempt) -> Job:
@@ -352,6 +363,7 @@ class JobExecution:
                 result = await self._within_timeout(
                     task, task.func(self._context(job, conn), **args)
                 )
+                check_left_open(conn.info.transaction_status)
                 payload = self._result_json(result)
                 # Completion and COMMIT in one round trip: complete_one raises
                 # when the lease was lost, and the COMMIT then rolls back. Until
@@ -493,6 +505,7 @@ class JobExecution:
         try:
             conn.execute("begin")
             result = _call_sync_handler(task, self._context(job, conn), args)
+            check_left_open(conn.info.transaction_status)
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")
@@ -625,11 +638,18 @@ class JobExecution:
         if isinstance(exc, Retry) and exc.after is not None:
             delay = _bounded_delay(exc.after)
         else:
-            delay = _bounded_delay(
-                (task.retry if task else _DEFAULT_RETRY).delay(number)
-            )
+            try:
+                delay = _bounded_delay(
+                    (task.retry if task else _DEFAULT_RETRY).delay(number)
+                )
+            except Exception:  # a retry policy of the user's that raised
+                delay = _bounded_delay(_DEFAULT_RETRY.delay(number))
         kind = type(exc).__name__
-        message = _storable(f"{kind}: {exc}", _MAX_ERROR_CHARS)
+        try:
+            text = str(exc)
+        except Exception as str_failed:  # its __str__ is broken
+            text = f"<str() of the exception raised {type(str_failed).__name__}>"
+        message = _storable(f"{kind}: {text}", _MAX_ERROR_CHARS)
         error = {
             "error": message,
             "kind": kind,

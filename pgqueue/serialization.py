@@ -88,6 +88,14 @@ def dumps(value: Any, *, what: str = "args", max_bytes: int | None = None) -> st
         text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise ArgumentsNotSerializable(f"{what} is not JSON: {exc}") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\udcff")
+            raise ArgumentsNotSerializable(
+                f"{what} holds text UTF-8 cannot encode (a lone surrogate, as "
+                f"os.listdir gives for a name that is not UTF-8): {exc}"
+            ) from None
     # UTF-8 takes at most 4 bytes a character: encode only when it could matter.
     if max_bytes is not None and len(text) * 4 > max_bytes:
         size = len(text.encode("utf-8"))

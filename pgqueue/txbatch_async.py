@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from pgqueue.errors import HandlerCancelled, JobTimeout
+from pgqueue.errors import HandlerCancelled, HandlerRaisedBaseException, JobTimeout
 from pgqueue.txbatch import check_left_open
 
 
@@ -341,6 +341,14 @@ class AsyncTxBatcher:
             raise HandlerCancelled(
                 "the handler raised CancelledError without the worker cancelling it"
             ) from None
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, GeneratorExit, its own...
+            # An Exception, so that the lane fails this job alone (the job's
+            # error names the original) and lives on.
+            raise HandlerRaisedBaseException(
+                f"the handler raised {type(exc).__name__}"
+            ) from exc
         check_left_open(conn.info.transaction_status)
         return payload
 

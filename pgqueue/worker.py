@@ -23,11 +23,12 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -69,6 +70,17 @@ PRUNE_BATCH = 10_000  # finished jobs deleted per prune statement
 # worker leases and tries again, after a pause that grows to LISTEN_RETRY_MAX.
 FULL_LEASES_BEFORE_QUIET = 2
 LISTEN_RETRY_MAX = 0.1
+
+
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A Task for ``coro``, started at once (eagerly) where Python can."""
+    loop = asyncio.get_running_loop()
+    if _EAGER_TASKS:
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    return loop.create_task(coro)
 
 
 class Worker(JobExecution):
@@ -163,6 +175,7 @@ class Worker(JobExecution):
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[Attempt, str | None]] = []
         self._failed: list[Failure] = []  # failures the flusher has yet to write
+        self._complete_tries: dict[Attempt, int] = {}  # refused completions
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
@@ -546,11 +559,20 @@ class Worker(JobExecution):
     def _start(self, job: Job) -> None:
         attempt = Attempt(job=job, started=time.perf_counter())
         self._running.add(attempt)
-        # Eagerly: a handler that never waits (a short async job) finishes here
-        # without a Task of its own, which cost more than the job (eager.py).
-        future = eager.start(self._run(attempt))
-        if future is None:
+        # Each job runs in a Task of its own, current while its handler runs:
+        # asyncio.timeout, TaskGroup, wait_for on 3.12 and anyio (httpx) need
+        # one, and a handler started in the lease loop's frame (eager.start)
+        # cancelled that loop when its own timeout fired. On 3.12 and later the
+        # Task starts eagerly: a handler that never waits finishes here.
+        try:
+            future = _new_task(self._run(attempt))
+        except BaseException:
             self._running.discard(attempt)
+            raise
+        if future.done():
+            self._running.discard(attempt)
+            if not future.cancelled():
+                future.exception()  # retrieved: _run lets nothing else out
             return
         attempt.future = future
         future.add_done_callback(lambda _: self._finished(attempt))
@@ -587,16 +609,68 @@ class Worker(JobExecution):
         backoff = 0.05
         while self._done or self._failed:
             # Bounded statements: a backlog (after a database blip) is written
-            # in slices rather than one giant array.
+            # in slices rather than one giant array. Completions and failures
+            # take turns, so a failure is not kept waiting by a steady stream of
+            # completions (its retry or dead-lettering would wait for a lull).
+            written = True
             if self._done:
-                done, self._done = self._done[:FLUSH_MAX], self._done[FLUSH_MAX:]
-                if await self._write_completions(done):
-                    continue
-                self._done[:0] = done
-            elif await self._flush_failures():
-                continue
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+                written = await self._flush_completions()
+            if self._failed:
+                written = await self._flush_failures() and written
+            if not written:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _flush_completions(self) -> bool:
+        """Write the oldest completions; False if some are left to try again.
+
+        One statement holds each job once: a job reaped and leased here again
+        can have two attempts done at once, and the one whose lease was lost
+        waits for the next statement. A batch the database refuses for what
+        it holds (not for a lost connection) is written again one completion
+        at a time, and one refused FAIL_TRIES times is given up: its lease
+        expires and the job runs again.
+        """
+        batch: list[tuple[Attempt, str | None]] = []
+        later: list[tuple[Attempt, str | None]] = []
+        ids: set[int] = set()
+        for item in self._done:
+            job_id = item[0].job.id
+            if len(batch) < FLUSH_MAX and job_id not in ids:
+                ids.add(job_id)
+                batch.append(item)
+            else:
+                later.append(item)
+        self._done = later
+        error = await self._write_completions(batch)
+        if error is None:
+            return True
+        if isinstance(error, psycopg.OperationalError) or len(batch) == 1:
+            left = batch
+        else:
+            left = [
+                item
+                for item in batch
+                if await self._write_completions([item], quiet=True) is not None
+            ]
+        if not isinstance(error, psycopg.OperationalError):
+            left = [item for item in left if self._complete_tried(item[0])]
+        self._done[:0] = left
+        return False
+
+    def _complete_tried(self, attempt: Attempt) -> bool:
+        """Count a refused completion; False once it is given up."""
+        tries = self._complete_tries.get(attempt, 0) + 1
+        if tries < FAIL_TRIES:
+            self._complete_tries[attempt] = tries
+            return True
+        self._complete_tries.pop(attempt, None)
+        self._log.warning(
+            "complete_given_up",
+            job_id=attempt.job.id,
+            detail="not recorded; the lease expires and the job runs again",
+        )
+        return False
 
     async def _flush_failures(self) -> bool:
         """Write the oldest failures; False if some are left to try again.
@@ -628,21 +702,25 @@ class Worker(JobExecution):
         self._failed[: len(batch)] = left
         return False
 
-    async def _write_completions(self, batch: list[tuple[Attempt, str | None]]) -> bool:
-        """Complete a batch in one statement; False if it failed (the flusher
-        keeps the batch and tries again)."""
+    async def _write_completions(
+        self, batch: list[tuple[Attempt, str | None]], *, quiet: bool = False
+    ) -> Exception | None:
+        """Complete a batch in one statement; the error if it failed (the
+        flusher keeps the batch and tries again, see _flush_completions)."""
         try:
             rows = await self._fetch(self._stmts.complete, completions(batch))
         except Exception as exc:
-            self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
-            return False
+            if not quiet:
+                self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
+            return exc
         lost = set(rows[0][0]) if rows else set()
         for attempt, _ in batch:
+            self._complete_tries.pop(attempt, None)
             if attempt.job.id in lost:
                 self._lease_was_lost(attempt)
             else:
                 self._log_succeeded(attempt)
-        return True
+        return None
 
     async def _heartbeater(self) -> None:
         interval = self.lease_seconds / 3
