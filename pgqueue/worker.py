@@ -176,6 +176,7 @@ class Worker(JobExecution):
         self._done: list[tuple[Attempt, str | None]] = []
         self._failed: list[Failure] = []  # failures the flusher has yet to write
         self._complete_tries: dict[Attempt, int] = {}  # refused completions
+        self._dispatching = False  # _dispatch is starting jobs
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
         self._batch_min = max(1, min((concurrency + prefetch) // 4, 100))
@@ -565,21 +566,30 @@ class Worker(JobExecution):
         # cancelled that loop when its own timeout fired. On 3.12 and later the
         # Task starts eagerly: a handler that never waits finishes here.
         try:
-            future = _new_task(self._run(attempt))
+            future = _new_task(self._run_then_finish(attempt))
         except BaseException:
             self._running.discard(attempt)
             raise
-        if future.done():
-            self._running.discard(attempt)
-            if not future.cancelled():
-                future.exception()  # retrieved: _run lets nothing else out
-            return
-        attempt.future = future
-        future.add_done_callback(lambda _: self._finished(attempt))
+        if not future.done():  # else it ran to its end here (3.12's eager start)
+            attempt.future = future
+
+    async def _run_then_finish(self, attempt: Attempt) -> None:
+        # _finished from inside the Task, not as its done callback: a callback
+        # is one more trip through the event loop per job.
+        try:
+            await self._run(attempt)
+        finally:
+            self._finished(attempt)
 
     def _dispatch(self) -> None:
-        while self._ready and len(self._running) < self.concurrency:
-            self._start(self._ready.popleft())
+        if self._dispatching:  # a job that ended as it started: the loop goes on
+            return
+        self._dispatching = True
+        try:
+            while self._ready and len(self._running) < self.concurrency:
+                self._start(self._ready.popleft())
+        finally:
+            self._dispatching = False
 
     def _finished(self, attempt: Attempt) -> None:
         self._running.discard(attempt)
