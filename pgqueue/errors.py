@@ -88,6 +88,13 @@ class HandlerCancelled(PgqueueError):
     """A handler let a CancelledError out though the worker did not cancel it
     (it awaited something another part of the program cancelled, say)."""
 
+    def __init__(
+        self,
+        message: str = "the handler raised CancelledError without the worker "
+        "cancelling it",
+    ) -> None:
+        super().__init__(message)
+
 
 class HandlerOutcome(Exception):
     """Base of outcomes a handler may raise on purpose."""

@@ -48,7 +48,6 @@ MAX_RETRY_DELAY = 100 * 366 * 86400.0  # seconds, as far as enqueue schedules
 _MAX_ERROR_CHARS = 2000
 _MAX_TRACEBACK_CHARS = 8000
 _BIG_INT = 10**18  # smaller ints skip the JSON encoder (a result of 1 is common)
-_STRAY_CANCEL = "the handler raised CancelledError without the worker cancelling it"
 
 
 def _lease_error(exc: BaseException, job: Job) -> LeaseLost | None:
@@ -327,7 +326,7 @@ class JobExecution:
             if attempt.abandoned:  # shutdown cancelled it
                 raise
             # The handler's own: it fails its job, like any other exception.
-            self._fail(attempt, task, HandlerCancelled(_STRAY_CANCEL))
+            self._fail(attempt, task, HandlerCancelled())
         except LeaseLost:
             self._lease_was_lost(attempt)
         except BaseException as exc:

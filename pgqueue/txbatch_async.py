@@ -338,9 +338,7 @@ class AsyncTxBatcher:
         except asyncio.CancelledError:
             if self._closing or _cancelling():
                 raise
-            raise HandlerCancelled(
-                "the handler raised CancelledError without the worker cancelling it"
-            ) from None
+            raise HandlerCancelled() from None
         except Exception:
             raise
         except BaseException as exc:  # SystemExit, GeneratorExit, its own...

@@ -361,12 +361,15 @@ def test_a_batch_that_cannot_connect_fails_its_job_which_runs_again(
 
     database = psycopg.sql.Identifier(conn.info.dbname)
     with (
-        running_worker(app, concurrency=2, tx_batch=2),
+        running_worker(app, concurrency=2, tx_batch=2) as worker,
         psycopg.connect(server_dsn, autocommit=True) as admin,
     ):
+        # Registered, and its lease connection open (a lease has come back):
+        # only the batch's own connection is still to be made.
         wait_until(
             lambda: (
                 conn.execute("select count(*) from pgqueue.workers").fetchone() == (1,)
+                and worker.counters.lease_calls > 0
             )
         )
         admin.execute(
