@@ -622,11 +622,14 @@ class Worker(JobExecution):
             # in slices rather than one giant array. Completions and failures
             # take turns, so a failure is not kept waiting by a steady stream of
             # completions (its retry or dead-lettering would wait for a lull).
+            # Not after a completion write failed, though: a failure's writes
+            # are counted (FAIL_TRIES), and while the connection fails they
+            # would be given up within a second, each then waiting for reap.
             written = True
             if self._done:
                 written = await self._flush_completions()
-            if self._failed:
-                written = await self._flush_failures() and written
+            if self._failed and written:
+                written = await self._flush_failures()
             if not written:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
