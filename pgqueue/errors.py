@@ -11,7 +11,9 @@
     ├── JobNotFound               cancel/retry of an unknown job id
     ├── InvalidState              cancel/retry of a job in the wrong state
     ├── LeaseLost                 fenced completion refused: the lease expired or moved
-    └── JobTimeout                a handler ran past its task's timeout
+    ├── JobTimeout                a handler ran past its task's timeout
+    ├── HandlerCancelled          a handler let out a CancelledError nobody sent it
+    └── HandlerRaisedBaseException  a batch handler let out SystemExit & co.
 
 Handler outcomes that are control flow rather than errors (``Retry``) derive
 from :class:`HandlerOutcome`, not from :class:`PgqueueError`.

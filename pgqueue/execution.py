@@ -121,6 +121,7 @@ class Attempt:
     lease_lost: bool = False
     completing: bool = False  # completed in a batch transaction not yet committed
     failing: bool = False  # its failure is being recorded (requeued or dead)
+    refused: int = 0  # completion writes the database refused (worker.py)
 
     def in_flight(self) -> bool:
         """Neither ending (completing, failing, handler done) nor given up

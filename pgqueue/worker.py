@@ -175,7 +175,6 @@ class Worker(JobExecution):
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[Attempt, str | None]] = []
         self._failed: list[Failure] = []  # failures the flusher has yet to write
-        self._complete_tries: dict[Attempt, int] = {}  # refused completions
         self._dispatching = False  # _dispatch is starting jobs
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
@@ -673,11 +672,9 @@ class Worker(JobExecution):
 
     def _complete_tried(self, attempt: Attempt) -> bool:
         """Count a refused completion; False once it is given up."""
-        tries = self._complete_tries.get(attempt, 0) + 1
-        if tries < FAIL_TRIES:
-            self._complete_tries[attempt] = tries
+        attempt.refused += 1
+        if attempt.refused < FAIL_TRIES:
             return True
-        self._complete_tries.pop(attempt, None)
         self._log.warning(
             "complete_given_up",
             job_id=attempt.job.id,
@@ -728,7 +725,6 @@ class Worker(JobExecution):
             return exc
         lost = set(rows[0][0]) if rows else set()
         for attempt, _ in batch:
-            self._complete_tries.pop(attempt, None)
             if attempt.job.id in lost:
                 self._lease_was_lost(attempt)
             else:
