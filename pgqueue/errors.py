@@ -13,6 +13,7 @@
     ├── LeaseLost                 fenced completion refused: the lease expired or moved
     ├── JobTimeout                a handler ran past its task's timeout
     ├── HandlerCancelled          a handler let out a CancelledError nobody sent it
+    ├── TransactionOwnedByWorker  a handler called commit/rollback/close on ctx.conn
     └── HandlerRaisedBaseException  a batch handler let out SystemExit & co.
 
 Handler outcomes that are control flow rather than errors (``Retry``) derive
@@ -96,6 +97,12 @@ class HandlerCancelled(PgqueueError):
         "cancelling it",
     ) -> None:
         super().__init__(message)
+
+
+class TransactionOwnedByWorker(PgqueueError):
+    """A transactional handler called ``commit()``, ``rollback()`` or
+    ``close()`` on ``ctx.conn``: the worker refused it (the connection is as it
+    was) and fails the job, whose writes roll back."""
 
 
 class HandlerOutcome(Exception):

@@ -34,6 +34,7 @@ from pgqueue.errors import (
     LeaseLost,
     Retry,
 )
+from pgqueue.handler_conn import HandlerConnection, lent
 from pgqueue.jobs import Job, UnreadableArgs
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
@@ -360,9 +361,10 @@ class JobExecution:
         async with self._pool.connection() as conn:
             await conn.execute("begin")
             try:
-                result = await self._within_timeout(
-                    task, task.func(self._context(job, conn), **args)
-                )
+                with lent(conn):
+                    result = await self._within_timeout(
+                        task, task.func(self._context(job, conn), **args)
+                    )
                 check_left_open(conn.info.transaction_status)
                 payload = self._result_json(result)
                 # Completion and COMMIT in one round trip: complete_one raises
@@ -504,7 +506,8 @@ class JobExecution:
         attempt.sync_conn = conn
         try:
             conn.execute("begin")
-            result = _call_sync_handler(task, self._context(job, conn), args)
+            with lent(conn):
+                result = _call_sync_handler(task, self._context(job, conn), args)
             check_left_open(conn.info.transaction_status)
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
@@ -563,7 +566,7 @@ class JobExecution:
                 loop.call_soon_threadsafe(_run_ended, clock, loop)
 
     def _new_connection(self) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(
+        conn = HandlerConnection.connect(
             self.app.dsn, autocommit=True, application_name="pgqueue-worker"
         )
         with self._thread_conns_lock:

@@ -14,7 +14,9 @@ writes one row (see the commit that added this design for the figures).
 
 When something goes wrong the batch falls back to one savepoint per job:
 
-- a handler raises (or times out, or leaves its transaction aborted): the
+- a handler raises (or times out, or leaves its transaction aborted, or
+  tries to end it: the batch's connection refuses commit, rollback and close
+  while a handler holds it, see handler_conn.py): the
   transaction rolls back, that job fails alone, and the jobs that ran before it
   in the batch run again, each in its own savepoint;
 - ``complete_all`` finds a lease lost (the worker stalled past its lease): it
@@ -55,6 +57,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import JobTimeout
+from pgqueue.handler_conn import lent
 
 
 @dataclass(eq=False, slots=True)
@@ -373,7 +376,8 @@ class TxBatcher:
 
 def _run(conn: psycopg.Connection[Any], item: BatchItem) -> str | None:
     """Run one handler in the open transaction and check it left it usable."""
-    payload = item.run(conn)
+    with lent(conn):
+        payload = item.run(conn)
     check_left_open(conn.info.transaction_status)
     return payload
 
@@ -387,6 +391,6 @@ def check_left_open(status: TransactionStatus) -> None:
         )
     if status != TransactionStatus.INTRANS:
         raise HandlerLeftTransactionAborted(
-            "the handler ended the worker's transaction (commit or rollback on "
-            "ctx.conn); leave that to the worker"
+            "the handler ended the worker's transaction (a COMMIT or ROLLBACK "
+            "sent as SQL on ctx.conn); leave that to the worker"
         )

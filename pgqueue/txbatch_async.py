@@ -26,6 +26,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import HandlerCancelled, HandlerRaisedBaseException, JobTimeout
+from pgqueue.handler_conn import lent
 from pgqueue.txbatch import check_left_open
 
 
@@ -334,7 +335,8 @@ class AsyncTxBatcher:
         lane's end.
         """
         try:
-            payload = await item.run(conn)
+            with lent(conn):
+                payload = await item.run(conn)
         except asyncio.CancelledError:
             if self._closing or _cancelling():
                 raise

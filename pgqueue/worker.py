@@ -52,6 +52,7 @@ from pgqueue.execution import (
     JobExecution,
     completions,
 )
+from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
@@ -243,6 +244,7 @@ class Worker(JobExecution):
             min_size=2,
             max_size=4 + (self.concurrency if handler_conns else 0),
             kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
+            connection_class=AsyncHandlerConnection,
             open=False,
         )
         await self._pool.open(wait=True, timeout=30)
@@ -873,7 +875,7 @@ class Worker(JobExecution):
         with self._thread_conns_lock:
             for conn in self._thread_conns:
                 with contextlib.suppress(Exception):
-                    conn.close()
+                    close_anyway(conn)  # an abandoned handler may hold it
         if self._lease_conn is not None:
             with contextlib.suppress(Exception):
                 await self._lease_conn.close()
@@ -928,7 +930,7 @@ class Worker(JobExecution):
         return await cur.fetchall()
 
     async def _new_async_connection(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(
+        return await AsyncHandlerConnection.connect(
             self.app.dsn, autocommit=True, application_name="pgqueue-worker"
         )
 

@@ -402,7 +402,8 @@ def test_args_python_cannot_read_fail_that_job_only(
 def test_a_handler_that_ends_the_workers_transaction_fails(
     dsn: str, conn: Conn, is_async: bool
 ) -> None:
-    """Its rollback took its write away: the job must not be recorded as
+    """A ROLLBACK sent as SQL (ctx.conn.rollback() is refused, see
+    test_txbatch.py) took its write away: the job must not be recorded as
     succeeded (a transaction batch already said so)."""
     conn.execute("create table effects (id int)")
     app = pgqueue.App(dsn)
@@ -412,7 +413,7 @@ def test_a_handler_that_ends_the_workers_transaction_fails(
         async def writes(ctx: pgqueue.JobContext) -> int:
             assert ctx.conn is not None
             await ctx.conn.execute("insert into effects values (1)")
-            await ctx.conn.rollback()
+            await ctx.conn.execute("rollback")
             return 1
 
     else:
@@ -421,7 +422,7 @@ def test_a_handler_that_ends_the_workers_transaction_fails(
         def writes(ctx: pgqueue.JobContext) -> int:
             assert ctx.conn is not None
             ctx.conn.execute("insert into effects values (1)")
-            ctx.conn.rollback()
+            ctx.conn.execute("rollback")
             return 1
 
     writes.enqueue(conn)

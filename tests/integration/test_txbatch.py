@@ -510,3 +510,74 @@ def test_a_batch_mate_hung_past_its_timeout_does_not_hold_the_others(
         gate.set()
     assert waited < 5, f"job 0 waited {waited:.1f} s behind its hung batch mate"
     assert business_rows(conn) == [(ids[0], 0), (ids[1], 1)]
+
+
+ENDINGS = pytest.mark.parametrize("ending", ["commit", "rollback", "close", "with"])
+
+
+def _end_sync(conn: Conn, ending: str) -> None:
+    if ending == "with":
+        with conn:  # psycopg commits and closes on the way out
+            pass
+    else:
+        getattr(conn, ending)()
+
+
+async def _end_async(conn: psycopg.AsyncConnection[Any], ending: str) -> None:
+    if ending == "with":
+        async with conn:
+            pass
+    else:
+        await getattr(conn, ending)()
+
+
+@KINDS
+@ENDINGS
+@pytest.mark.parametrize("tx_batch", [1, 16])
+def test_a_handler_cannot_end_the_workers_transaction(
+    dsn: str, conn: Conn, kind: str, ending: str, tx_batch: int
+) -> None:
+    """commit(), rollback(), close() and ``with ctx.conn:`` are refused while a
+    handler holds the connection: that job fails with nothing of it written,
+    and in a batch its mates' writes commit exactly once, with their
+    completions (a commit used to commit the mates' writes without them, so
+    they ran again and wrote twice; a close failed them)."""
+    # No key: a row written twice shows as two rows.
+    conn.execute("create table business (job_id bigint, n int)")
+    app = pgqueue.App(dsn)
+    insert = "insert into business values (%s, %s)"
+    misbehaving = 5
+
+    if kind == "sync":
+
+        @app.task(max_attempts=1)
+        def record(ctx: pgqueue.JobContext, n: int) -> None:
+            ctx.conn.execute(insert, [ctx.job.id, n])
+            if n == misbehaving:
+                _end_sync(ctx.conn, ending)
+
+    else:
+
+        @app.task(max_attempts=1)
+        async def record(ctx: pgqueue.JobContext, n: int) -> None:
+            await ctx.conn.execute(insert, [ctx.job.id, n])
+            if n == misbehaving:
+                await _end_async(ctx.conn, ending)
+
+    ids = record.enqueue_many(conn, [{"n": n} for n in range(12)])
+    with running_worker(app, concurrency=16, prefetch=16, tx_batch=tx_batch):
+        wait_until(lambda: finished(conn, ids), timeout=60)
+    rows = conn.execute(
+        "select n, count(*) from business group by n order by n"
+    ).fetchall()
+    assert rows == [(n, 1) for n in range(12) if n != misbehaving]
+    states = conn.execute(
+        "select id, state::text, errors -> -1 ->> 'kind'"
+        " from pgqueue.finished_jobs order by id"
+    ).fetchall()
+    assert states == [
+        (job_id, "dead", "TransactionOwnedByWorker")
+        if n == misbehaving
+        else (job_id, "succeeded", None)
+        for n, job_id in enumerate(ids)
+    ]

@@ -1,0 +1,103 @@
+"""The connections a worker lends its transactional handlers as ``ctx.conn``.
+
+A transactional job's writes commit with its fenced completion, which the
+worker sends after the handler returns; in a transaction batch, after its
+batch mates' handlers too. A handler that ended that transaction itself would
+commit writes whose jobs are not completed (they run again and write twice)
+or roll back its mates' writes. So while a handler holds one of these
+connections, ``commit()``, ``rollback()`` and ``close()`` raise
+:class:`~pgqueue.errors.TransactionOwnedByWorker` and change nothing, and so
+does ``with ctx.conn:`` (it commits and closes). The handler's job fails, its
+writes roll back, and its batch mates run again without it. A COMMIT sent as
+SQL (``ctx.conn.execute("commit")``) cannot be refused; the worker finds it
+after the handler returns and fails the job, but what it committed stays.
+
+The worker's own calls go through: it lends a connection with :func:`lent`,
+which takes the guard off again when the handler is done, and closes one a
+handler may still hold with :func:`close_anyway` / :func:`aclose_anyway`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from pgqueue.errors import TransactionOwnedByWorker
+
+
+class HandlerConnection(psycopg.Connection[TupleRow]):
+    """A worker connection that refuses to end a transaction it lent out."""
+
+    lent_to_handler = False
+
+    def commit(self) -> None:
+        _refuse_if_lent(self, "commit")
+        super().commit()
+
+    def rollback(self) -> None:
+        _refuse_if_lent(self, "rollback")
+        super().rollback()
+
+    def close(self) -> None:
+        _refuse_if_lent(self, "close")
+        super().close()
+
+
+class AsyncHandlerConnection(psycopg.AsyncConnection[TupleRow]):
+    """The asyncio twin of :class:`HandlerConnection`."""
+
+    lent_to_handler = False
+
+    async def commit(self) -> None:
+        _refuse_if_lent(self, "commit")
+        await super().commit()
+
+    async def rollback(self) -> None:
+        _refuse_if_lent(self, "rollback")
+        await super().rollback()
+
+    async def close(self) -> None:
+        _refuse_if_lent(self, "close")
+        await super().close()
+
+
+def _refuse_if_lent(
+    conn: HandlerConnection | AsyncHandlerConnection, what: str
+) -> None:
+    if conn.lent_to_handler:
+        raise TransactionOwnedByWorker(
+            f"ctx.conn.{what}() refused: the worker commits a transactional "
+            "job's writes together with its completion (nothing was changed; "
+            "this job fails and its writes roll back)"
+        )
+
+
+@contextlib.contextmanager
+def lent(conn: Any) -> Iterator[None]:
+    """Guard ``conn`` while a handler holds it (a plain connection: no guard)."""
+    if not isinstance(conn, HandlerConnection | AsyncHandlerConnection):
+        yield
+        return
+    conn.lent_to_handler = True
+    try:
+        yield
+    finally:
+        conn.lent_to_handler = False
+
+
+def close_anyway(conn: psycopg.Connection[Any]) -> None:
+    """Close ``conn`` even while an abandoned handler still holds it."""
+    if isinstance(conn, HandlerConnection):
+        conn.lent_to_handler = False
+    conn.close()
+
+
+async def aclose_anyway(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The asyncio twin of :func:`close_anyway`."""
+    if isinstance(conn, AsyncHandlerConnection):
+        conn.lent_to_handler = False
+    await conn.close()
