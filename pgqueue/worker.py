@@ -845,7 +845,12 @@ class Worker(JobExecution):
                 attempt.abandoned = True
             # A timed-out attempt whose thread still runs has its failure in
             # _failed: the final flush records it, with the attempt counted.
-            back = [a.job for a in left if not a.failing] + unstarted
+            # One completing holds its row lock until its transaction ends
+            # (a batch may run more handlers first): it is left to that
+            # transaction (hand_back skips locked rows too, 0017).
+            back = [
+                a.job for a in left if not a.failing and not a.completing
+            ] + unstarted
             try:
                 rows = await self._fetch(
                     self._stmts.hand_back,

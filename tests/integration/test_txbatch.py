@@ -581,3 +581,100 @@ def test_a_handler_cannot_end_the_workers_transaction(
         else (job_id, "succeeded", None)
         for n, job_id in enumerate(ids)
     ]
+
+
+@KINDS
+def test_shutdown_does_not_wait_for_a_batch_mate_behind_a_completion(
+    dsn: str, conn: Conn, kind: str
+) -> None:
+    """In a batch's careful path a job's fenced completion holds its row lock
+    until the batch commits, after the handlers behind it. Handing that job
+    back waited for the lock, so a stopping worker waited for the slowest
+    handler, past its grace. Now the worker stops within its grace, hands back
+    the job still running, and leaves the completing one to its transaction."""
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[str] = collections.Counter()
+    rerun_started, release = threading.Event(), threading.Event()
+
+    def before(name: str) -> float:
+        """The handler's sync part; returns how long it should then wait."""
+        runs[name] += 1
+        if name == "gate":
+            # Holds its batch thread until the three others are leased and
+            # queued behind it, so that they share the next batch.
+            with psycopg.connect(dsn, autocommit=True) as other:
+                wait_until(
+                    lambda: (
+                        other.execute(
+                            "select count(*) = 4 from pgqueue.jobs"
+                            " where state = 'running'"
+                        ).fetchone()
+                        == (True,)
+                    ),
+                    timeout=10,
+                )
+            return 0.2
+        if name == "slow" and runs[name] == 2:  # run again, in the careful path
+            rerun_started.set()
+            return 30
+        if name == "failing":
+            raise ValueError("this failure sends the batch down its careful path")
+        return 0
+
+    if kind == "sync":
+
+        @app.task(max_attempts=1)
+        def step(ctx: pgqueue.JobContext, name: str) -> None:
+            wait = before(name)
+            if wait == 30:
+                release.wait(wait)
+            else:
+                time.sleep(wait)
+
+    else:
+
+        @app.task(max_attempts=1)
+        async def step(ctx: pgqueue.JobContext, name: str) -> None:
+            wait = before(name)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and not release.is_set():
+                await asyncio.sleep(0.01)
+
+    # Leased, and batched, in this order.
+    names = ["gate", "completing", "slow", "failing"]
+    ids = dict(
+        (name, step.options(priority=10 - i).enqueue(conn, name=name))
+        for i, name in enumerate(names)
+    )
+    worker = pgqueue.Worker(
+        app,
+        concurrency=4,
+        prefetch=4,
+        tx_batch=4,
+        shutdown_grace=1,
+        lease_seconds=600,
+        handle_signals=False,
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert rerun_started.wait(30)
+        worker.stop()
+        thread.join(20)
+        stopped_while_a_mate_ran = not thread.is_alive() and not release.is_set()
+    finally:
+        worker.stop()
+        release.set()
+        thread.join(60)
+    assert runs == {"gate": 1, "completing": 2, "slow": 2, "failing": 1}
+    assert stopped_while_a_mate_ran
+    states = dict(
+        conn.execute(
+            "select id, state::text from pgqueue.jobs union all"
+            " select id, state::text from pgqueue.finished_jobs"
+        ).fetchall()
+    )
+    assert states[ids["slow"]] == "queued"  # handed back, for the next worker
+    assert states[ids["failing"]] == "dead"
+    # Not handed back: its batch's transaction completes it, or it is reaped.
+    assert states[ids["completing"]] in ("running", "succeeded")

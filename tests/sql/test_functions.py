@@ -657,6 +657,25 @@ def test_hand_back_does_not_count_an_attempt(conn: Conn) -> None:
     assert again == job_id and attempts == 0
 
 
+def test_hand_back_skips_a_row_a_completion_holds(conn: Conn, dsn: str) -> None:
+    """A completion not yet committed (a transaction batch's) holds its row:
+    hand_back returns the other jobs at once instead of waiting for it."""
+    held, free = enqueue(conn), enqueue(conn)
+    tokens = dict((job_id, token) for job_id, token, _ in lease(conn, 2))
+    with psycopg.connect(dsn) as batch:
+        batch.execute(
+            "select pgqueue.complete_one(%s, %s, null::jsonb)", [held, tokens[held]]
+        )
+        conn.execute("set lock_timeout = '5s'")  # the old wait fails the test
+        back = conn.execute(
+            "select pgqueue.hand_back(%s, %s)",
+            [[held, free], [tokens[held], tokens[free]]],
+        ).fetchall()
+        assert back == [(free,)]
+        batch.commit()
+    assert state(conn, held) == "succeeded"
+
+
 def test_cancel_queued_and_refuse_running_or_unknown(conn: Conn) -> None:
     queued, running = enqueue(conn), enqueue(conn)
     conn.execute(
