@@ -77,6 +77,30 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         pending = context.run(coro.send, None)
     except StopIteration:
         return None
+    return _continue(coro, pending, context)
+
+
+def future(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+    """Like :func:`start`, but always a future: the Task, or, when ``coro``
+    finished in place, a future done with its result or its exception."""
+    context = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    try:
+        pending = context.run(coro.send, None)
+    except StopIteration as stop:
+        done = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except Exception as exc:
+        done = loop.create_future()
+        done.set_exception(exc)
+        return done
+    return _continue(coro, pending, context)
+
+
+def _continue(
+    coro: Coroutine[Any, Any, Any], pending: Any, context: contextvars.Context
+) -> asyncio.Task[Any]:
     loop = asyncio.get_running_loop()
     # Created inside the context, the Task copies it (create_task's context=
     # argument is 3.11+).

@@ -185,6 +185,8 @@ class Worker(JobExecution):
         self._lease_max = -(-(concurrency + prefetch) // 2)
         # (limit, notifications seen when sent, the lease Task): see _lease_ahead.
         self._ahead: tuple[int, int, asyncio.Task[list[tuple[Any, ...]]]] | None = None
+        # The lease the loop waits for (not sent ahead), until it has its rows.
+        self._leasing: asyncio.Future[list[tuple[Any, ...]]] | None = None
         # NOTIFYs received so far: a lease that comes back short clears _due
         # only if none arrived while it was on its way.
         self._notified = 0
@@ -345,7 +347,7 @@ class Worker(JobExecution):
                     # cancel the lease, whose jobs the finally below takes.
                     await asyncio.wait({sent})
                     self._ahead = None
-                    leasing: Any = sent
+                    leasing: asyncio.Future[list[tuple[Any, ...]]] = sent
                 else:
                     free = self._free()
                     now = self._loop.time()
@@ -374,9 +376,14 @@ class Worker(JobExecution):
                         continue
                     limit = min(free, self._lease_max)
                     notified = self._notified
-                    leasing = self._lease_rows(limit)
+                    # A future, awaited through asyncio.wait as the lease ahead
+                    # is: cancelling this loop (run_async cancelled from
+                    # outside) must not drop rows the server leased.
+                    leasing = self._leasing = eager.future(self._lease_rows(limit))
+                    await asyncio.wait({leasing})
+                    self._leasing = None
                 try:
-                    rows = await leasing
+                    rows = leasing.result()
                     backoff = 0.05
                 except Exception as exc:
                     self._log.warning("lease_failed", error=repr(exc))
@@ -398,13 +405,21 @@ class Worker(JobExecution):
                         return
                     await self._plan_next_due()
         finally:
-            # A lease sent ahead that nobody awaited: its jobs go to _ready, which
-            # shutdown hands back, so none of them waits out its lease.
-            if self._ahead is not None:
-                _, _, sent = self._ahead
-                self._ahead = None
+            # A lease in flight that nobody awaited (sent ahead, or the loop
+            # was cancelled): its jobs go to _ready, which shutdown hands back,
+            # so none of them waits out its lease.
+            for unawaited in self._unawaited_leases():
                 with contextlib.suppress(Exception):
-                    self._ready.extend(self._jobs(await sent))
+                    self._ready.extend(self._jobs(await unawaited))
+
+    def _unawaited_leases(self) -> list[asyncio.Future[list[tuple[Any, ...]]]]:
+        sent: list[asyncio.Future[list[tuple[Any, ...]]]] = []
+        if self._leasing is not None:
+            sent.append(self._leasing)
+        if self._ahead is not None:
+            sent.append(self._ahead[2])
+        self._leasing = self._ahead = None
+        return sent
 
     def _lease_ahead(self, arrived: int) -> None:
         """Send the next lease before starting the jobs that just arrived.

@@ -687,6 +687,65 @@ def test_cancelling_the_worker_hands_back_a_lease_sent_ahead(
     ]
 
 
+def test_cancelling_the_worker_hands_back_the_lease_it_waits_for(
+    dsn: str, conn: Conn
+) -> None:
+    """The worker's task is cancelled while the lease it waits for (not one
+    sent ahead) is done on the server but not yet read: its rows used to be
+    dropped with the cancelled call (and the cancellation was lost: the worker
+    ran on). Now the call runs on, its jobs are handed back, and the worker
+    stops."""
+    # The lease of the later jobs takes half a second on the server.
+    conn.execute(
+        "create function slow_lease() returns trigger language plpgsql as $$"
+        " begin perform pg_sleep(0.05); return new; end $$;"
+        " create trigger slow_lease before update on pgqueue.jobs for each row"
+        " when (new.task = 'later' and new.state = 'running')"
+        " execute function slow_lease()"
+    )
+    app = pgqueue.App(dsn)
+    worker = pgqueue.Worker(
+        app, concurrency=20, poll_interval=0.2, handle_signals=False
+    )
+    running: list[asyncio.Task[None]] = []
+
+    @app.task(transactional=False)
+    async def first(ctx: pgqueue.JobContext) -> None:
+        with psycopg.connect(dsn, autocommit=True) as other:
+            later.enqueue_many(other, [{}] * 10)
+            deadline = time.monotonic() + 30
+            while other.execute(
+                "select count(*) from pg_stat_activity"
+                " where wait_event = 'PgSleep' and query like %s",
+                ["%lease(%"],
+            ).fetchone() != (1,):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+        time.sleep(1)  # noqa: ASYNC251 (holds the loop: the lease ends unread)
+        running[0].cancel()
+
+    @app.task(transactional=False)
+    async def later(ctx: pgqueue.JobContext) -> None:
+        raise AssertionError("the worker was cancelled before these started")
+
+    first.enqueue(conn)
+
+    async def main() -> None:
+        running.append(asyncio.create_task(worker.run_async()))
+        done, _ = await asyncio.wait(running, timeout=60)
+        if not done:  # the cancellation was lost (so it was, before)
+            worker.stop()
+            await running[0]
+            pytest.fail("the cancelled worker ran on")
+        assert running[0].cancelled()
+
+    asyncio.run(main())
+    assert states_with_most_attempts(conn) == [
+        ("queued", 10, 0),  # handed back, not left running
+        ("succeeded", 1, 0),
+    ]
+
+
 def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
     dsn: str, conn: Conn
 ) -> None:

@@ -139,3 +139,26 @@ def test_the_handler_keeps_one_context_of_its_own() -> None:
         assert seen == ["inner"]  # and the rest of the handler still sees it
 
     asyncio.run(main())
+
+
+def test_future_always_gives_a_future_with_the_outcome() -> None:
+    async def at_once() -> int:
+        return 7
+
+    async def fails_at_once() -> None:
+        raise ValueError("now")
+
+    async def later() -> int:
+        await asyncio.sleep(0)
+        return 8
+
+    async def main() -> None:
+        done = eager.future(at_once())
+        assert done.done() and done.result() == 7
+        failed = eager.future(fails_at_once())
+        assert failed.done()
+        with pytest.raises(ValueError, match="now"):
+            failed.result()
+        assert await eager.future(later()) == 8
+
+    asyncio.run(main())
