@@ -81,6 +81,12 @@ _TEMPLATES: dict[str, LiteralString] = {
     "stop_listening": "select {schema}.stop_listening()",
     "reap": "select id, state from {schema}.reap(%s)",
     "hand_back": "select {schema}.hand_back(%s::bigint[], %s::uuid[])",
+    # Which of these jobs still hold these tokens (shutdown's last hand back).
+    "still_leased": (
+        "select j.id from {schema}.jobs j"
+        " join unnest(%s::bigint[], %s::uuid[]) as t(id, token)"
+        " on j.id = t.id and j.lease_token = t.token"
+    ),
     "next_run_at": (
         "select extract(epoch from {schema}.next_run_at(%s) - now())::float8"
     ),
@@ -161,6 +167,7 @@ class Statements:
     stop_listening: str
     reap: str
     hand_back: str
+    still_leased: str
     next_run_at: str
     register_worker: str
     unregister_worker: str

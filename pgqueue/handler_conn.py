@@ -14,7 +14,7 @@ after the handler returns and fails the job, but what it committed stays.
 
 The worker's own calls go through: it lends a connection with :func:`lent`,
 which takes the guard off again when the handler is done, and closes one a
-handler may still hold with :func:`close_anyway` / :func:`aclose_anyway`.
+handler may still hold with :func:`close_anyway`.
 """
 
 from __future__ import annotations
@@ -90,14 +90,9 @@ def lent(conn: Any) -> Iterator[None]:
 
 
 def close_anyway(conn: psycopg.Connection[Any]) -> None:
-    """Close ``conn`` even while an abandoned handler still holds it."""
-    if isinstance(conn, HandlerConnection):
-        conn.lent_to_handler = False
-    conn.close()
+    """Close ``conn`` even while an abandoned handler still holds it.
 
-
-async def aclose_anyway(conn: psycopg.AsyncConnection[Any]) -> None:
-    """The asyncio twin of :func:`close_anyway`."""
-    if isinstance(conn, AsyncHandlerConnection):
-        conn.lent_to_handler = False
-    await conn.close()
+    The guard stays up meanwhile: a handler thread's commit() between the two
+    would commit the writes of a job that was handed back.
+    """
+    psycopg.Connection.close(conn)

@@ -192,12 +192,14 @@ class Worker(JobExecution):
         self._notified = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._shutting_down = False
         self._due = True
         self._next_due_at: float | None = None
         self._wake: Wakeup | None = None
         # The lease loop's own connection: no pool checkout on the path from a
         # NOTIFY to a leased job, and its prepared lease statement stays warm.
         self._lease_conn: psycopg.AsyncConnection[Any] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         # The lease connection while it holds the listening locks (0016).
         self._listening_on: psycopg.AsyncConnection[Any] | None = None
         self._full_leases = 0  # in a row
@@ -285,9 +287,10 @@ class Worker(JobExecution):
             concurrency=self.concurrency,
             tasks=sorted(self.app.tasks),
         )
+        self._heartbeat_task = asyncio.create_task(self._heartbeater())
         background = [
             asyncio.create_task(self._flusher()),
-            asyncio.create_task(self._heartbeater()),
+            self._heartbeat_task,
             asyncio.create_task(self._maintainer()),
         ]
         if self.retention is not None:
@@ -609,7 +612,7 @@ class Worker(JobExecution):
 
     def _finished(self, attempt: Attempt) -> None:
         self._running.discard(attempt)
-        if not self._stopping:
+        if not (self._stopping or self._shutting_down):
             self._dispatch()
         self._wake_up()
 
@@ -846,13 +849,23 @@ class Worker(JobExecution):
     # -- shutdown -----------------------------------------------------------------
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        # Also when run_async was cancelled from outside: a job that ends in
+        # the grace starts no other (_stopping, set by stop() and signals, says
+        # whether a signal is the first).
+        self._shutting_down = True
         pending = [a.future for a in self._running if a.future is not None]
         if pending:
             self._log.info(
                 "worker_draining", jobs=len(pending), grace_s=self.shutdown_grace
             )
             await asyncio.wait(pending, timeout=self.shutdown_grace)
+        # The heartbeat locks the rows it extends (SKIP LOCKED), and hand_back
+        # skips locked rows: it ends before the hand back.
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         left = list(self._running)
+        completing: list[Job] = []
         unstarted = list(self._ready)
         self._ready.clear()
         if left or unstarted:
@@ -860,20 +873,15 @@ class Worker(JobExecution):
                 attempt.abandoned = True
             # A timed-out attempt whose thread still runs has its failure in
             # _failed: the final flush records it, with the attempt counted.
-            # One completing holds its row lock until its transaction ends
-            # (a batch may run more handlers first): it is left to that
-            # transaction (hand_back skips locked rows too, 0017).
+            # One completing holds its row lock until its transaction ends (a
+            # batch may run more handlers first, as long as they take): handed
+            # back at the end, once its transaction has committed or been
+            # closed (hand_back skips locked rows, 0017).
+            completing = [a.job for a in left if not a.failing and a.completing]
             back = [
                 a.job for a in left if not a.failing and not a.completing
             ] + unstarted
-            try:
-                rows = await self._fetch(
-                    self._stmts.hand_back,
-                    [[job.id for job in back], [job.lease_token for job in back]],
-                )
-                self._log.info("jobs_handed_back", job_ids=[r[0] for r in rows])
-            except Exception as exc:
-                self._log.warning("hand_back_failed", error=repr(exc))
+            await self._hand_back(back)
             cancelled = [a.future for a in left if a.future is not None]
             for future in cancelled:
                 future.cancel()
@@ -896,6 +904,8 @@ class Worker(JobExecution):
             for conn in self._thread_conns:
                 with contextlib.suppress(Exception):
                     close_anyway(conn)  # an abandoned handler may hold it
+        if completing:
+            await self._hand_back_completing(completing)
         if self._lease_conn is not None:
             with contextlib.suppress(Exception):
                 await self._lease_conn.close()
@@ -908,6 +918,43 @@ class Worker(JobExecution):
             leased=self.counters.leased,
             lease_calls=self.counters.lease_calls,
         )
+
+    async def _hand_back(self, jobs: list[Job]) -> list[int]:
+        try:
+            rows = await self._fetch(
+                self._stmts.hand_back,
+                [[job.id for job in jobs], [job.lease_token for job in jobs]],
+            )
+        except Exception as exc:
+            self._log.warning("hand_back_failed", error=repr(exc))
+            return []
+        ids = [r[0] for r in rows]
+        self._log.info("jobs_handed_back", job_ids=ids)
+        return ids
+
+    async def _hand_back_completing(self, jobs: list[Job]) -> None:
+        """Hand back the jobs whose completion was in flight at the hand back
+        and did not commit (the connections that held them are closed now).
+
+        A backend may hold its locks a moment after its client went away, and
+        hand_back skips locked rows: tried for up to a second.
+        """
+        deadline = time.monotonic() + 1.0
+        while jobs:
+            await self._hand_back(jobs)
+            try:
+                rows = await self._fetch(
+                    self._stmts.still_leased,
+                    [[job.id for job in jobs], [job.lease_token for job in jobs]],
+                )
+            except Exception as exc:
+                self._log.warning("hand_back_failed", error=repr(exc))
+                return
+            held = {r[0] for r in rows}
+            jobs = [job for job in jobs if job.id in held]
+            if not jobs or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
 
     # -- database helpers ---------------------------------------------------------
 

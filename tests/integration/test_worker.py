@@ -746,6 +746,49 @@ def test_cancelling_the_worker_hands_back_the_lease_it_waits_for(
     ]
 
 
+def test_a_cancelled_worker_starts_no_job_while_it_drains(dsn: str, conn: Conn) -> None:
+    """run_async cancelled from outside drains like stop(): the job running
+    finishes within the grace, and the job leased behind it does not start
+    when a slot frees up (it used to, and was then handed back while it ran);
+    it is handed back."""
+    app = pgqueue.App(dsn)
+    worker = pgqueue.Worker(
+        app, concurrency=1, prefetch=1, shutdown_grace=10, handle_signals=False
+    )
+    running: list[asyncio.Task[None]] = []
+    started: list[str] = []
+
+    @app.task(transactional=False)
+    async def step(ctx: pgqueue.JobContext, name: str) -> None:
+        started.append(name)
+        if name != "first":
+            return
+        with psycopg.connect(dsn, autocommit=True) as other:
+            deadline = time.monotonic() + 30
+            while other.execute(
+                "select count(*) from pgqueue.jobs where state = 'running'"
+            ).fetchone() != (2,):  # the second is leased, waiting for a slot
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        running[0].cancel()
+        await asyncio.sleep(0.3)  # still running as the worker drains
+
+    first = step.options(priority=1).enqueue(conn, name="first")
+    second = step.enqueue(conn, name="second")
+
+    async def main() -> None:
+        running.append(asyncio.create_task(worker.run_async()))
+        await asyncio.wait(running, timeout=60)
+        assert running[0].cancelled()
+
+    asyncio.run(main())
+    assert started == ["first"]
+    states = dict(
+        conn.execute("select id, state::text from pgqueue.jobs_overview").fetchall()
+    )
+    assert states == {first: "succeeded", second: "queued"}
+
+
 def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
     dsn: str, conn: Conn
 ) -> None:
