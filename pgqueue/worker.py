@@ -351,6 +351,7 @@ class Worker(JobExecution):
                     await asyncio.wait({sent})
                     self._ahead = None
                     leasing: asyncio.Future[list[tuple[Any, ...]]] = sent
+                    settled = False
                 else:
                     free = self._free()
                     now = self._loop.time()
@@ -379,6 +380,10 @@ class Worker(JobExecution):
                         continue
                     limit = min(free, self._lease_max)
                     notified = self._notified
+                    # Sent once everything leased was written (a retry for now
+                    # included), a lease that comes back empty ends an
+                    # until-empty worker: its snapshot is younger than them.
+                    settled = self._all_written()
                     # A future, awaited through asyncio.wait as the lease ahead
                     # is: cancelling this loop (run_async cancelled from
                     # outside) must not drop rows the server leased.
@@ -404,7 +409,7 @@ class Worker(JobExecution):
                 if len(rows) < limit:
                     if self._notified == notified:
                         self._due = False
-                    if self.until_empty and self._all_written():
+                    if self.until_empty and settled and self._all_written():
                         return
                     await self._plan_next_due()
         finally:
