@@ -924,18 +924,20 @@ class Worker(JobExecution):
             lease_calls=self.counters.lease_calls,
         )
 
-    async def _hand_back(self, jobs: list[Job]) -> list[int]:
+    async def _job_ids(self, query: str, jobs: list[Job]) -> list[int]:
+        """Run ``query`` on the jobs' ids and lease tokens; the ids it returns."""
+        rows = await self._fetch(
+            query, [[job.id for job in jobs], [job.lease_token for job in jobs]]
+        )
+        return [r[0] for r in rows]
+
+    async def _hand_back(self, jobs: list[Job]) -> None:
         try:
-            rows = await self._fetch(
-                self._stmts.hand_back,
-                [[job.id for job in jobs], [job.lease_token for job in jobs]],
-            )
+            ids = await self._job_ids(self._stmts.hand_back, jobs)
         except Exception as exc:
             self._log.warning("hand_back_failed", error=repr(exc))
-            return []
-        ids = [r[0] for r in rows]
+            return
         self._log.info("jobs_handed_back", job_ids=ids)
-        return ids
 
     async def _hand_back_completing(self, jobs: list[Job]) -> None:
         """Hand back the jobs whose completion was in flight at the hand back
@@ -948,14 +950,10 @@ class Worker(JobExecution):
         while jobs:
             await self._hand_back(jobs)
             try:
-                rows = await self._fetch(
-                    self._stmts.still_leased,
-                    [[job.id for job in jobs], [job.lease_token for job in jobs]],
-                )
+                held = set(await self._job_ids(self._stmts.still_leased, jobs))
             except Exception as exc:
                 self._log.warning("hand_back_failed", error=repr(exc))
                 return
-            held = {r[0] for r in rows}
             jobs = [job for job in jobs if job.id in held]
             if not jobs or time.monotonic() > deadline:
                 break
