@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -46,6 +47,21 @@ class HandlerConnection(psycopg.Connection[TupleRow]):
         _refuse_if_lent(self, "close")
         super().close()
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self.lent_to_handler:
+            # 'with ctx.conn:' would commit (or roll back) and close: refused
+            # when the block ends normally; an error raised in it goes on as
+            # the job's own (the worker rolls back).
+            if exc_type is None:
+                _refuse_if_lent(self, "__exit__")
+            return
+        super().__exit__(exc_type, exc_val, exc_tb)
+
 
 class AsyncHandlerConnection(psycopg.AsyncConnection[TupleRow]):
     """The asyncio twin of :class:`HandlerConnection`."""
@@ -64,15 +80,28 @@ class AsyncHandlerConnection(psycopg.AsyncConnection[TupleRow]):
         _refuse_if_lent(self, "close")
         await super().close()
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if self.lent_to_handler:  # as HandlerConnection.__exit__
+            if exc_type is None:
+                _refuse_if_lent(self, "__aexit__")
+            return
+        await super().__aexit__(exc_type, exc_val, exc_tb)
+
 
 def _refuse_if_lent(
     conn: HandlerConnection | AsyncHandlerConnection, what: str
 ) -> None:
     if conn.lent_to_handler:
         raise TransactionOwnedByWorker(
-            f"ctx.conn.{what}() refused: the worker commits a transactional "
-            "job's writes together with its completion (nothing was changed; "
-            "this job fails and its writes roll back)"
+            f"ctx.conn.{what}() refused (it would end the transaction): the "
+            "worker commits a transactional job's writes together with its "
+            "completion (nothing was changed; this job fails and its writes "
+            "roll back)"
         )
 
 

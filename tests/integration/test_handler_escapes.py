@@ -457,3 +457,33 @@ def test_a_failure_is_written_while_completions_keep_coming(
         " and q.finished_at < f.finished_at"
     ).fetchone()
     assert before is not None and before[0] < 10_000
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_an_error_inside_with_ctx_conn_is_the_jobs_own(
+    dsn: str, conn: Conn, is_async: bool
+) -> None:
+    """``with ctx.conn:`` is refused when its block ends normally (it would
+    commit and close); an error raised inside the block stays the job's error
+    (psycopg's exit would roll back and close, and the refusal hid it)."""
+    app = pgqueue.App(dsn)
+    if is_async:
+
+        @app.task(max_attempts=1)
+        async def writes(ctx: pgqueue.JobContext) -> None:
+            assert ctx.conn is not None
+            async with ctx.conn:
+                raise LookupError("the handler's own")
+
+    else:
+
+        @app.task(max_attempts=1)
+        def writes(ctx: pgqueue.JobContext) -> None:
+            assert ctx.conn is not None
+            with ctx.conn:
+                raise LookupError("the handler's own")
+
+    writes.enqueue(conn)
+    with running_worker(app, concurrency=4):
+        wait_until(lambda: all_finished(conn), timeout=10)
+    assert outcomes(conn) == [("writes", "dead", 1, "LookupError")]
