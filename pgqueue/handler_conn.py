@@ -7,8 +7,10 @@ commit writes whose jobs are not completed (they run again and write twice)
 or roll back its mates' writes. So while a handler holds one of these
 connections, ``commit()``, ``rollback()`` and ``close()`` raise
 :class:`~pgqueue.errors.TransactionOwnedByWorker` and change nothing, and so
-does ``with ctx.conn:`` (it commits and closes). The handler's job fails, its
-writes roll back, and its batch mates run again without it. A COMMIT sent as
+does ``with ctx.conn:`` (it commits or rolls back, and closes). The handler's
+job fails, even if it caught the refusal and returned (it would believe its
+writes committed or rolled back); its writes roll back, and its batch mates
+run again without it. A COMMIT sent as
 SQL (``ctx.conn.execute("commit")``) cannot be refused; the worker finds it
 after the handler returns and fails the job, but what it committed stays.
 
@@ -34,6 +36,7 @@ class HandlerConnection(psycopg.Connection[TupleRow]):
     """A worker connection that refuses to end a transaction it lent out."""
 
     lent_to_handler = False
+    refused: TransactionOwnedByWorker | None = None  # while lent, see lent()
 
     def commit(self) -> None:
         _refuse_if_lent(self, "commit")
@@ -53,13 +56,11 @@ class HandlerConnection(psycopg.Connection[TupleRow]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        if self.lent_to_handler:
-            # 'with ctx.conn:' would commit (or roll back) and close: refused
-            # when the block ends normally; an error raised in it goes on as
-            # the job's own (the worker rolls back).
-            if exc_type is None:
-                _refuse_if_lent(self, "__exit__")
-            return
+        # 'with ctx.conn:' would commit (or roll back) and close: refused
+        # either way, the block's own error as the cause. Letting that error
+        # through alone would leave the block's writes in the transaction
+        # for a handler that catches it outside the block.
+        _refuse_if_lent(self, "__exit__", exc_val)
         super().__exit__(exc_type, exc_val, exc_tb)
 
 
@@ -67,6 +68,7 @@ class AsyncHandlerConnection(psycopg.AsyncConnection[TupleRow]):
     """The asyncio twin of :class:`HandlerConnection`."""
 
     lent_to_handler = False
+    refused: TransactionOwnedByWorker | None = None  # while lent, see lent()
 
     async def commit(self) -> None:
         _refuse_if_lent(self, "commit")
@@ -86,23 +88,24 @@ class AsyncHandlerConnection(psycopg.AsyncConnection[TupleRow]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        if self.lent_to_handler:  # as HandlerConnection.__exit__
-            if exc_type is None:
-                _refuse_if_lent(self, "__aexit__")
-            return
+        _refuse_if_lent(self, "__aexit__", exc_val)  # see __exit__ above
         await super().__aexit__(exc_type, exc_val, exc_tb)
 
 
 def _refuse_if_lent(
-    conn: HandlerConnection | AsyncHandlerConnection, what: str
+    conn: HandlerConnection | AsyncHandlerConnection,
+    what: str,
+    cause: BaseException | None = None,
 ) -> None:
-    if conn.lent_to_handler:
-        raise TransactionOwnedByWorker(
-            f"ctx.conn.{what}() refused (it would end the transaction): the "
-            "worker commits a transactional job's writes together with its "
-            "completion (nothing was changed; this job fails and its writes "
-            "roll back)"
-        )
+    if not conn.lent_to_handler:
+        return
+    conn.refused = TransactionOwnedByWorker(
+        f"ctx.conn.{what}() refused (it would end the transaction): the "
+        "worker commits a transactional job's writes together with its "
+        "completion (nothing was changed; this job fails and its writes "
+        "roll back)"
+    )
+    raise conn.refused from cause
 
 
 @contextlib.contextmanager
@@ -112,10 +115,17 @@ def lent(conn: Any) -> Iterator[None]:
         yield
         return
     conn.lent_to_handler = True
+    conn.refused = None
     try:
         yield
     finally:
         conn.lent_to_handler = False
+    # Reached when the handler returned: one that caught the refusal (and
+    # went on as if its commit or rollback had happened) fails all the same.
+    if conn.refused is not None:
+        raise TransactionOwnedByWorker(
+            f"{conn.refused} [the handler caught this refusal and returned]"
+        ) from conn.refused
 
 
 def close_anyway(conn: psycopg.Connection[Any]) -> None:

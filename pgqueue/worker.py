@@ -891,7 +891,10 @@ class Worker(JobExecution):
             back = [
                 a.job for a in left if not a.failing and not a.completing
             ] + unstarted
-            await self._hand_back(back)
+            handed = set(await self._hand_back(back))
+            # A completion that began after `completing` was read locked its
+            # row, and hand_back skipped it: tried again with those below.
+            completing += [job for job in back if job.id not in handed]
             cancelled = [a.future for a in left if a.future is not None]
             for future in cancelled:
                 future.cancel()
@@ -915,7 +918,8 @@ class Worker(JobExecution):
                 with contextlib.suppress(Exception):
                     close_anyway(conn)  # an abandoned handler may hold it
         if completing:
-            await self._hand_back_completing(completing)
+            with contextlib.suppress(asyncio.TimeoutError):  # the database is down
+                await asyncio.wait_for(self._hand_back_completing(completing), 5)
         if self._lease_conn is not None:
             with contextlib.suppress(Exception):
                 await self._lease_conn.close()
@@ -936,13 +940,15 @@ class Worker(JobExecution):
         )
         return [r[0] for r in rows]
 
-    async def _hand_back(self, jobs: list[Job]) -> None:
+    async def _hand_back(self, jobs: list[Job]) -> list[int]:
+        """Hand ``jobs`` back; the ids handed back (none if that failed)."""
         try:
             ids = await self._job_ids(self._stmts.hand_back, jobs)
         except Exception as exc:
             self._log.warning("hand_back_failed", error=repr(exc))
-            return
+            return []
         self._log.info("jobs_handed_back", job_ids=ids)
+        return ids
 
     async def _hand_back_completing(self, jobs: list[Job]) -> None:
         """Hand back the jobs whose completion was in flight at the hand back

@@ -460,30 +460,51 @@ def test_a_failure_is_written_while_completions_keep_coming(
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
-def test_an_error_inside_with_ctx_conn_is_the_jobs_own(
-    dsn: str, conn: Conn, is_async: bool
+@pytest.mark.parametrize("how", ["with_block_raises", "rollback"])
+def test_a_handler_that_catches_the_refusal_fails_all_the_same(
+    dsn: str, conn: Conn, is_async: bool, how: str
 ) -> None:
-    """``with ctx.conn:`` is refused when its block ends normally (it would
-    commit and close); an error raised inside the block stays the job's error
-    (psycopg's exit would roll back and close, and the refusal hid it)."""
+    """A handler that catches the refused rollback, or the error that ends its
+    ``with ctx.conn:`` block, believes its write was rolled back: the job fails
+    and the write does not commit (it did, with the completion, when only the
+    block's own error was let through)."""
+    conn.execute("create table effects (id int)")
     app = pgqueue.App(dsn)
+    insert = "insert into effects values (1)"
     if is_async:
 
         @app.task(max_attempts=1)
         async def writes(ctx: pgqueue.JobContext) -> None:
             assert ctx.conn is not None
-            async with ctx.conn:
-                raise LookupError("the handler's own")
+            try:
+                if how == "rollback":
+                    await ctx.conn.execute(insert)
+                    await ctx.conn.rollback()
+                else:
+                    async with ctx.conn:
+                        await ctx.conn.execute(insert)
+                        raise LookupError("abort this block")
+            except Exception:
+                pass
 
     else:
 
         @app.task(max_attempts=1)
         def writes(ctx: pgqueue.JobContext) -> None:
             assert ctx.conn is not None
-            with ctx.conn:
-                raise LookupError("the handler's own")
+            try:
+                if how == "rollback":
+                    ctx.conn.execute(insert)
+                    ctx.conn.rollback()
+                else:
+                    with ctx.conn:
+                        ctx.conn.execute(insert)
+                        raise LookupError("abort this block")
+            except Exception:
+                pass
 
     writes.enqueue(conn)
     with running_worker(app, concurrency=4):
         wait_until(lambda: all_finished(conn), timeout=10)
-    assert outcomes(conn) == [("writes", "dead", 1, "LookupError")]
+    assert outcomes(conn) == [("writes", "dead", 1, "TransactionOwnedByWorker")]
+    assert conn.execute("select count(*) from effects").fetchone() == (0,)
