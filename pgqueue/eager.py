@@ -72,12 +72,11 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
     value is dropped and an exception it raised propagates here), else the
     Task that runs the rest of it. Call from a running event loop.
     """
-    context = contextvars.copy_context()
-    try:
-        pending = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    return _continue(coro, pending, context)
+    started = future(coro)
+    if isinstance(started, asyncio.Task):
+        return started
+    started.result()  # what it raised, raised here
+    return None
 
 
 def future(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
