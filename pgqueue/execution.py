@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ from pgqueue.txbatch import BatchItem, TxBatcher, check_left_open
 from pgqueue.txbatch_async import AsyncBatchItem, AsyncTxBatcher
 
 _DEFAULT_RETRY = ExponentialBackoff()
+_ASYNCIO_TIMEOUT = sys.version_info >= (3, 11)
 FLUSH_MAX = 2000  # completions per statement
 FAIL_FLUSH_MAX = 500  # failures per statement (each carries a traceback)
 FAIL_TRIES = 3  # writes of one failure before it is left to lease expiry
@@ -205,6 +207,10 @@ def _run_ended(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
     clock.running_since = None
     clock.ended_at = loop.time()
     clock.changed.set()
+
+
+def _ran_too_long_error(task: Task) -> JobTimeout:
+    return JobTimeout(_ran_too_long(task))
 
 
 def _ran_too_long(task: Task) -> str:
@@ -431,14 +437,33 @@ class JobExecution:
         return payload
 
     async def _within_timeout(self, task: Task, coro: Any) -> Any:
+        """Await a handler's coroutine; JobTimeout if its timeout fired.
+
+        Only the timeout firing is JobTimeout: a TimeoutError the handler
+        raised itself (a socket's, an HTTP client's) is its own failure. On
+        3.11 and later the handler stays in its job's Task (asyncio.timeout);
+        on 3.10, wait_for runs it in a Task of its own and raises
+        asyncio.TimeoutError, which there is not the builtin TimeoutError.
+        """
         if task.timeout is None:
             return await coro
-        try:
+        if _ASYNCIO_TIMEOUT:
+            scope = asyncio.timeout(task.timeout)  # type: ignore[attr-defined,unused-ignore]
+            try:
+                async with scope:
+                    return await coro
+            except TimeoutError:
+                if scope.expired():
+                    raise _ran_too_long_error(task) from None
+                raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + task.timeout
+        try:  # pragma: no cover (Python 3.10)
             return await asyncio.wait_for(coro, task.timeout)
-        except TimeoutError:
-            raise JobTimeout(
-                f"{task.name} ran longer than its timeout of {task.timeout} s"
-            ) from None
+        except asyncio.TimeoutError:  # pragma: no cover (Python 3.10)
+            if loop.time() >= deadline:
+                raise _ran_too_long_error(task) from None
+            raise
 
     async def _run_sync(
         self, attempt: Attempt, task: Task, args: dict[str, Any]

@@ -219,6 +219,36 @@ def test_timeout_abandons_the_attempt_and_rolls_back(
     assert errors is not None and errors[0][0]["kind"] == "JobTimeout"
 
 
+@pytest.mark.parametrize("transactional", [True, False])
+def test_a_handlers_own_timeout_error_is_not_its_timeout(
+    dsn: str, conn: Conn, transactional: bool
+) -> None:
+    """A handler with a timeout that raises TimeoutError itself (a socket or an
+    HTTP client timing out) fails with that error, not with JobTimeout: the
+    worker's timeout did not fire. Only the timeout firing is JobTimeout."""
+    app = pgqueue.App(dsn)
+
+    @app.task(timeout=30, max_attempts=1, transactional=transactional)
+    async def flaky(ctx: pgqueue.JobContext) -> None:
+        raise TimeoutError("upstream took too long")
+
+    @app.task(timeout=0.2, max_attempts=1, transactional=transactional)
+    async def stuck(ctx: pgqueue.JobContext) -> None:
+        await asyncio.sleep(5)
+
+    own = flaky.enqueue(conn)
+    fired = stuck.enqueue(conn)
+    run_until_empty(app)
+    kinds = dict(
+        conn.execute(
+            "select id, errors -> 0 ->> 'kind' from pgqueue.finished_jobs"
+            " where id = any(%s)",
+            [[own, fired]],
+        ).fetchall()
+    )
+    assert kinds == {own: "TimeoutError", fired: "JobTimeout"}
+
+
 def test_non_transactional_async_task_stores_its_result(dsn: str, conn: Conn) -> None:
     app = pgqueue.App(dsn)
 
