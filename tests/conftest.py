@@ -25,26 +25,29 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def _answers(dsn: str) -> bool:
+def _refusal(dsn: str) -> str | None:
+    """Why ``dsn`` cannot be used (None: it can)."""
     try:
         psycopg.connect(dsn, connect_timeout=3).close()
-    except psycopg.OperationalError:
-        return False
-    return True
+    except psycopg.OperationalError as exc:
+        return " ".join(str(exc).split()) or repr(exc)
+    return None
 
 
-def _server_dsn() -> str:
+def _server_dsn() -> tuple[str, str | None]:
+    """The server's DSN, and why the machine's server was passed over."""
     dsn = os.environ.get("PGQUEUE_TEST_DSN")
     if dsn:
-        return dsn
-    if _answers(LOCAL_DSN):
-        return LOCAL_DSN
+        return dsn, None
+    refused = _refusal(LOCAL_DSN)
+    if refused is None:
+        return LOCAL_DSN, None
     from pgqueue.embedded import ensure_server
 
-    return ensure_server(ROOT / ".embedded-pg-test")
+    return ensure_server(ROOT / ".embedded-pg-test"), refused
 
 
-SERVER_DSN = _server_dsn()
+SERVER_DSN, LOCAL_REFUSED = _server_dsn()
 SERVER = conninfo_to_dict(SERVER_DSN)
 TEST_DB = f"pgqueue_test_{os.getpid()}"
 
@@ -70,7 +73,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     with psycopg.connect(SERVER_DSN) as conn:
         version = conn.execute("show server_version").fetchone()
     where = SERVER.get("host", "?"), SERVER.get("port", "?")
-    return [f"postgresql: {version[0] if version else '?'} at {where[0]}:{where[1]}"]
+    lines = [f"postgresql: {version[0] if version else '?'} at {where[0]}:{where[1]}"]
+    if LOCAL_REFUSED is not None:
+        # Shown, so that a machine server that answered but refused (too many
+        # clients, say) is not mistaken for no server at all.
+        lines.append(f"  (embedded: {LOCAL_DSN} refused: {LOCAL_REFUSED})")
+    return lines
 
 
 @pytest.fixture
