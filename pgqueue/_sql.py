@@ -66,6 +66,10 @@ _TEMPLATES: dict[str, LiteralString] = {
         " %(results)s::jsonb[]))"
     ),
     "complete_one": "select {schema}.complete_one(%s, %s, %s::jsonb)",
+    # The same and the COMMIT, in one message: sent through a client-side
+    # binding cursor (psycopg quotes the values), one round trip without a
+    # pipeline, whose setup cost the worker 30-35 us of CPU a job (2 cores).
+    "complete_one_commit": "select {schema}.complete_one(%s, %s, %s::jsonb); commit",
     "complete_all": (
         "select {schema}.complete_all(%s::bigint[], %s::uuid[], %s::jsonb[])"
     ),
@@ -160,6 +164,7 @@ class Statements:
     lease: str
     complete: str
     complete_one: str
+    complete_one_commit: str
     complete_all: str
     fail_many: str
     heartbeat: str

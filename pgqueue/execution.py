@@ -374,14 +374,13 @@ class JobExecution:
                 check_left_open(conn.info.transaction_status)
                 payload = self._result_json(result)
                 # Completion and COMMIT in one round trip: complete_one raises
-                # when the lease was lost, and the COMMIT then rolls back. Until
-                # the COMMIT the row is locked, and the heartbeat skips it.
+                # when the lease was lost, the COMMIT is then not run, and the
+                # except below rolls back. Until the COMMIT the row is locked,
+                # and the heartbeat skips it.
                 attempt.completing = True
-                async with conn.pipeline():
-                    await conn.execute(
-                        self._stmts.complete_one, [job.id, job.lease_token, payload]
-                    )
-                    await conn.execute("commit")
+                await psycopg.AsyncClientCursor(conn).execute(
+                    self._stmts.complete_one_commit, [job.id, job.lease_token, payload]
+                )
             except BaseException as exc:
                 attempt.completing = False
                 if not conn.closed:
@@ -539,11 +538,9 @@ class JobExecution:
                 raise JobTimeout("the attempt was abandoned; rolled back")
             # As in _run_async: completion and COMMIT in one round trip.
             attempt.completing = True
-            with conn.pipeline():
-                conn.execute(
-                    self._stmts.complete_one, [job.id, job.lease_token, payload]
-                )
-                conn.execute("commit")
+            psycopg.ClientCursor(conn).execute(
+                self._stmts.complete_one_commit, [job.id, job.lease_token, payload]
+            )
             return payload
         except BaseException as exc:
             attempt.completing = False

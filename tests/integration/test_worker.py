@@ -331,24 +331,41 @@ def test_a_lost_lease_in_a_completion_batch_fails_only_that_job(
     assert done == [(job_id, 1 if n == 3 else 0, n) for n, job_id in enumerate(ids)]
 
 
-def test_completion_after_lost_lease_is_fenced(dsn: str, business: Conn) -> None:
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_completion_after_lost_lease_is_fenced(
+    dsn: str, business: Conn, is_async: bool
+) -> None:
     """A worker whose lease expired while its handler ran cannot complete the job:
     its transaction rolls back, the rerun's commits, the business table has one row."""
     app = pgqueue.App(dsn)
     first_started = threading.Event()
     release_first = threading.Event()
 
-    @app.task(retry=FAST_RETRY)
-    def once(ctx: pgqueue.JobContext) -> None:
-        ctx.conn.execute(
-            "insert into business values (%s, %s)",
-            [ctx.job.id, f"attempt {ctx.attempt}"],
-        )
-        if ctx.attempt == 1:
-            first_started.set()
-            release_first.wait(10)
+    if is_async:
 
-    job_id = once.enqueue(business)
+        @app.task(retry=FAST_RETRY)
+        async def once(ctx: pgqueue.JobContext) -> None:
+            await ctx.conn.execute(
+                "insert into business values (%s, %s)",
+                [ctx.job.id, f"attempt {ctx.attempt}"],
+            )
+            if ctx.attempt == 1:
+                first_started.set()
+                await asyncio.to_thread(release_first.wait, 10)
+
+    else:
+
+        @app.task(retry=FAST_RETRY)
+        def once(ctx: pgqueue.JobContext) -> None:
+            ctx.conn.execute(
+                "insert into business values (%s, %s)",
+                [ctx.job.id, f"attempt {ctx.attempt}"],
+            )
+            if ctx.attempt == 1:
+                first_started.set()
+                release_first.wait(10)
+
+    job_id = app.tasks["once"].enqueue(business)
     with running_worker(app, lease_seconds=30) as worker:
         first_started.wait(10)
         # The lease "expires" (as when the worker froze) and another worker reaps it.
