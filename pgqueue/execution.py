@@ -209,6 +209,57 @@ def _run_ended(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
     clock.changed.set()
 
 
+_HANDLERS_OWN = "_pgqueue_handlers_own"  # marks a handler's own TimeoutError
+
+
+async def _own_timeouts_marked(coro: Any) -> Any:  # pragma: no cover (3.10)
+    """Await a handler; a TimeoutError it raises itself leaves marked, so that
+    wait_for's own (the timeout firing) can be told from it."""
+    try:
+        return await coro
+    except asyncio.TimeoutError as exc:
+        with contextlib.suppress(AttributeError):  # an exception with __slots__
+            setattr(exc, _HANDLERS_OWN, True)
+        raise
+
+
+async def _complete_and_commit(
+    conn: psycopg.AsyncConnection[Any],
+    stmts: _sql.Statements,
+    job: Job,
+    payload: str | None,
+) -> None:
+    """The job's fenced completion and the COMMIT, in one round trip.
+
+    complete_one raises when the lease was lost: the COMMIT is then not run,
+    and the caller rolls back. A result goes as a parameter (a pipeline of
+    the two), so that it never enters the statement's text.
+    """
+    if payload is None:
+        cur = psycopg.AsyncClientCursor(conn)
+        await cur.execute(stmts.complete_one_commit, [job.id, job.lease_token])
+        return
+    async with conn.pipeline():
+        await conn.execute(stmts.complete_one, [job.id, job.lease_token, payload])
+        await conn.execute("commit")
+
+
+def _complete_and_commit_sync(
+    conn: psycopg.Connection[Any],
+    stmts: _sql.Statements,
+    job: Job,
+    payload: str | None,
+) -> None:
+    """_complete_and_commit for a sync handler's connection."""
+    if payload is None:
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(stmts.complete_one_commit, [job.id, job.lease_token])
+        return
+    with conn.pipeline():
+        conn.execute(stmts.complete_one, [job.id, job.lease_token, payload])
+        conn.execute("commit")
+
+
 def _ran_too_long_error(task: Task) -> JobTimeout:
     return JobTimeout(_ran_too_long(task))
 
@@ -378,9 +429,7 @@ class JobExecution:
                 # except below rolls back. Until the COMMIT the row is locked,
                 # and the heartbeat skips it.
                 attempt.completing = True
-                await psycopg.AsyncClientCursor(conn).execute(
-                    self._stmts.complete_one_commit, [job.id, job.lease_token, payload]
-                )
+                await _complete_and_commit(conn, self._stmts, job, payload)
             except BaseException as exc:
                 attempt.completing = False
                 if not conn.closed:
@@ -440,9 +489,10 @@ class JobExecution:
 
         Only the timeout firing is JobTimeout: a TimeoutError the handler
         raised itself (a socket's, an HTTP client's) is its own failure. On
-        3.11 and later the handler stays in its job's Task (asyncio.timeout);
-        on 3.10, wait_for runs it in a Task of its own and raises
-        asyncio.TimeoutError, which there is not the builtin TimeoutError.
+        3.11 and later the handler stays in the Task that awaits this (its
+        job's, or a transaction batch lane's: asyncio.timeout); on 3.10,
+        wait_for runs it in a Task of its own and raises asyncio.TimeoutError,
+        which there is not the builtin TimeoutError.
         """
         if task.timeout is None:
             return await coro
@@ -455,14 +505,12 @@ class JobExecution:
                 if scope.expired():
                     raise _ran_too_long_error(task) from None
                 raise
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + task.timeout
         try:  # pragma: no cover (Python 3.10)
-            return await asyncio.wait_for(coro, task.timeout)
-        except asyncio.TimeoutError:  # pragma: no cover (Python 3.10)
-            if loop.time() >= deadline:
-                raise _ran_too_long_error(task) from None
-            raise
+            return await asyncio.wait_for(_own_timeouts_marked(coro), task.timeout)
+        except asyncio.TimeoutError as exc:  # pragma: no cover (Python 3.10)
+            if getattr(exc, _HANDLERS_OWN, False):
+                raise
+            raise _ran_too_long_error(task) from None
 
     async def _run_sync(
         self, attempt: Attempt, task: Task, args: dict[str, Any]
@@ -538,9 +586,7 @@ class JobExecution:
                 raise JobTimeout("the attempt was abandoned; rolled back")
             # As in _run_async: completion and COMMIT in one round trip.
             attempt.completing = True
-            psycopg.ClientCursor(conn).execute(
-                self._stmts.complete_one_commit, [job.id, job.lease_token, payload]
-            )
+            _complete_and_commit_sync(conn, self._stmts, job, payload)
             return payload
         except BaseException as exc:
             attempt.completing = False

@@ -219,9 +219,13 @@ def test_timeout_abandons_the_attempt_and_rolls_back(
     assert errors is not None and errors[0][0]["kind"] == "JobTimeout"
 
 
-@pytest.mark.parametrize("transactional", [True, False])
+@pytest.mark.parametrize(
+    ("transactional", "tx_batch"),
+    [(True, 1), (True, 4), (False, 1)],
+    ids=["transactional", "tx-batch", "non-transactional"],
+)
 def test_a_handlers_own_timeout_error_is_not_its_timeout(
-    dsn: str, conn: Conn, transactional: bool
+    dsn: str, conn: Conn, transactional: bool, tx_batch: int
 ) -> None:
     """A handler with a timeout that raises TimeoutError itself (a socket or an
     HTTP client timing out) fails with that error, not with JobTimeout: the
@@ -238,7 +242,7 @@ def test_a_handlers_own_timeout_error_is_not_its_timeout(
 
     own = flaky.enqueue(conn)
     fired = stuck.enqueue(conn)
-    run_until_empty(app)
+    run_until_empty(app, tx_batch=tx_batch)
     kinds = dict(
         conn.execute(
             "select id, errors -> 0 ->> 'kind' from pgqueue.finished_jobs"
@@ -247,6 +251,50 @@ def test_a_handlers_own_timeout_error_is_not_its_timeout(
         ).fetchall()
     )
     assert kinds == {own: "TimeoutError", fired: "JobTimeout"}
+
+
+RESULTS = [
+    "it's \\ a 'quote' %s {schema} $$",
+    "日本語 🚀",
+    {"k": "x" * 10_000},
+    None,
+    0,
+]
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_transactional_results_are_stored_verbatim(
+    dsn: str, business: Conn, is_async: bool
+) -> None:
+    """A transactional job's result (quotes, backslashes, placeholders, non-ASCII,
+    none at all) is stored as returned, with the business row committed."""
+    app = pgqueue.App(dsn)
+
+    if is_async:
+
+        @app.task()
+        async def give(ctx: pgqueue.JobContext, i: int) -> Any:
+            await ctx.conn.execute("insert into business values (%s, 'x')", [i])
+            return RESULTS[i]
+
+    else:
+
+        @app.task()
+        def give(ctx: pgqueue.JobContext, i: int) -> Any:
+            ctx.conn.execute("insert into business values (%s, 'x')", [i])
+            return RESULTS[i]
+
+    ids = app.tasks["give"].enqueue_many(
+        business, [{"i": i} for i in range(len(RESULTS))]
+    )
+    run_until_empty(app)
+    stored = business.execute(
+        "select result, state::text from pgqueue.finished_jobs where id = any(%s)"
+        " order by id",
+        [ids],
+    ).fetchall()
+    assert stored == [(r, "succeeded") for r in RESULTS]
+    assert len(rows(business)) == len(RESULTS)
 
 
 def test_non_transactional_async_task_stores_its_result(dsn: str, conn: Conn) -> None:
@@ -366,7 +414,8 @@ def test_completion_after_lost_lease_is_fenced(
                 release_first.wait(10)
 
     job_id = app.tasks["once"].enqueue(business)
-    with running_worker(app, lease_seconds=30) as worker:
+    # One slot: the job below runs on the connection whose completion was refused.
+    with running_worker(app, lease_seconds=30, concurrency=1) as worker:
         first_started.wait(10)
         # The lease "expires" (as when the worker froze) and another worker reaps it.
         business.execute(
@@ -378,7 +427,12 @@ def test_completion_after_lost_lease_is_fenced(
             wait_until(lambda: finished(business, job_id))
         release_first.set()
         wait_until(lambda: worker.counters.lease_lost == 1)
-    assert rows(business) == [(job_id, "attempt 2")]
+        # The refused completion left that connection usable: the next job
+        # commits its row and its completion there.
+        next_id = app.tasks["once"].enqueue(business)
+        wait_until(lambda: finished(business, next_id))
+    assert rows(business) == [(job_id, "attempt 2"), (next_id, "attempt 1")]
+    assert job_state(business, next_id) == "succeeded"
 
 
 def test_heartbeats_racing_completions_report_no_lost_lease(
