@@ -8,6 +8,7 @@ running the jobs after it.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from typing import Any
@@ -324,6 +325,7 @@ def test_any_exception_a_handler_lets_out_fails_its_job_only(
     ]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
 @pytest.mark.parametrize("prefetch", [0, 2], ids=["from-the-lease", "from-a-slot"])
 def test_a_handler_runs_in_a_task_of_its_own(
     dsn: str, conn: Conn, prefetch: int
