@@ -543,7 +543,15 @@ class JobExecution:
             )
             done, _ = await asyncio.wait({future}, timeout=task.timeout)
             timed_out = None if done else _ran_too_long(task)
-        if timed_out:
+        if timed_out and attempt.completing:
+            # Too late to fail it: its completion is written in its batch's
+            # open transaction, which holds its row until the COMMIT decides
+            # (succeeded; or rolled back, and its lease lapses and reap counts
+            # the attempt). Recording a failure would wait on that row lock,
+            # and every completion and failure of this worker with it (they
+            # are written one statement at a time).
+            await asyncio.wait({future})
+        elif timed_out:
             # A thread cannot be killed: fail the attempt now, interrupt its query,
             # and keep its slot until it returns. Its transaction never commits:
             # the timed_out flag stops the completion, and fencing would too.

@@ -512,6 +512,63 @@ def test_a_batch_mate_hung_past_its_timeout_does_not_hold_the_others(
     assert business_rows(conn) == [(ids[0], 0), (ids[1], 1)]
 
 
+def test_a_completed_job_waiting_on_a_hung_batch_mate_does_not_block_the_worker(
+    dsn: str, conn: Conn
+) -> None:
+    """A batch goes down its careful path (a mate raised); job "a" runs again
+    and its completion is written in the open transaction, which holds its row;
+    then mate "hang" hangs where no cancel reaches. When a's patience ends, its
+    failure used to be written anyway: that statement waited on a's row lock,
+    and every other completion and failure of the worker queued behind it.
+    Now a waits for its batch's COMMIT: no statement of the worker waits on a
+    lock, and a ends succeeded once the mate returns."""
+    app = pgqueue.App(dsn)
+    runs: collections.Counter[str] = collections.Counter()
+    release = threading.Event()
+
+    @app.task(max_attempts=3, timeout=0.3, retry=FAST_RETRY)
+    def step(ctx: pgqueue.JobContext, name: str) -> None:
+        runs[name] += 1
+        ctx.conn.execute("select 1")
+        if name == "hang" and runs[name] == 2:
+            release.wait(15)  # its rerun, in the careful path
+        if name == "fail":
+            raise ValueError("send the batch down its careful path")
+
+    @app.task(max_attempts=1)
+    def gate(ctx: pgqueue.JobContext) -> None:
+        # Holds the batch open until the three steps are leased with it.
+        with psycopg.connect(dsn, autocommit=True) as other:
+            wait_until(
+                lambda: (
+                    other.execute(
+                        "select count(*) from pgqueue.jobs where state = 'running'"
+                    ).fetchone()
+                    == (4,)
+                ),
+                timeout=10,
+            )
+
+    gate.enqueue(conn)
+    ids = step.enqueue_many(conn, [{"name": n} for n in ("a", "hang", "fail")])
+    try:
+        with running_worker(app, concurrency=4, prefetch=0, tx_batch=4):
+            wait_until(lambda: runs["hang"] == 2, timeout=10)
+            time.sleep(2.5)  # a's patience (twice 0.3 s and a second) passes
+            blocked = conn.execute(
+                "select query from pg_stat_activity where wait_event_type = 'Lock'"
+                " and datname = current_database() and pid <> pg_backend_pid()"
+            ).fetchall()
+            release.set()
+            wait_until(lambda: finished(conn, ids[:1]), timeout=20)
+    finally:
+        release.set()
+    assert blocked == []
+    assert conn.execute(
+        "select state::text from pgqueue.finished_jobs where id = %s", [ids[0]]
+    ).fetchone() == ("succeeded",)
+
+
 ENDINGS = pytest.mark.parametrize("ending", ["commit", "rollback", "close", "with"])
 
 
