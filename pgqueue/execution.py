@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import sys
 import threading
@@ -349,6 +350,9 @@ class JobExecution:
     _done: list[tuple[Attempt, str | None]]
     _failed: list[Failure]
     _flush: asyncio.Event | None
+    # Each handler runs in a copy of this (worker.run_async): the context
+    # variables one job sets do not reach the next.
+    _job_context: contextvars.Context
     _tx_batcher: TxBatcher | None
     _async_batcher: AsyncTxBatcher | None
     # Worker's: run one statement on a pooled connection and return its rows.
@@ -580,14 +584,18 @@ class JobExecution:
         job = attempt.job
         if not task.transactional:
             return self._result_json(
-                _call_sync_handler(task, self._context(job, None), args)
+                self._job_context.copy().run(
+                    _call_sync_handler, task, self._context(job, None), args
+                )
             )
         conn = self._thread_connection()
         attempt.sync_conn = conn
         try:
             conn.execute("begin")
             with lent(conn):
-                result = _call_sync_handler(task, self._context(job, conn), args)
+                result = self._job_context.copy().run(
+                    _call_sync_handler, task, self._context(job, conn), args
+                )
             check_left_open(conn.info.transaction_status)
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
@@ -630,7 +638,9 @@ class JobExecution:
         if clock is not None:
             loop.call_soon_threadsafe(_run_began, clock, loop)
         try:
-            result = _call_sync_handler(task, self._context(job, conn), args)
+            result = self._job_context.copy().run(
+                _call_sync_handler, task, self._context(job, conn), args
+            )
             payload = self._result_json(result)
             if attempt.timed_out or attempt.abandoned:
                 raise JobTimeout("the attempt was abandoned; rolled back")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import random
 import signal
@@ -76,12 +77,17 @@ LISTEN_RETRY_MAX = 0.1
 _EAGER_TASKS = sys.version_info >= (3, 12)
 
 
-def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """A Task for ``coro``, started at once (eagerly) where Python can."""
+def _new_task(
+    coro: Coroutine[Any, Any, None], context: contextvars.Context
+) -> asyncio.Task[None]:
+    """A Task for ``coro`` that runs in ``context``, started at once (eagerly)
+    where Python can."""
     loop = asyncio.get_running_loop()
     if _EAGER_TASKS:
-        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-    return loop.create_task(coro)
+        return asyncio.Task(coro, loop=loop, eager_start=True, context=context)  # type: ignore[call-arg,unused-ignore]
+    # A Task made inside a context runs in a copy of it (create_task's context=
+    # is 3.11+).
+    return context.run(loop.create_task, coro)
 
 
 class Worker(JobExecution):
@@ -191,6 +197,7 @@ class Worker(JobExecution):
         # only if none arrived while it was on its way.
         self._notified = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._job_context = contextvars.Context()
         self._stopping = False
         self._shutting_down = False
         self._due = True
@@ -231,6 +238,11 @@ class Worker(JobExecution):
     async def run_async(self) -> None:
         """The worker's main coroutine."""
         self._loop = asyncio.get_running_loop()
+        # What every job's Task starts from (a copy each): the context of the
+        # code that started the worker. A job's Task is created where a slot
+        # frees, inside the job that ended there, and would otherwise inherit
+        # the context variables that job set (a tenant, a trace span).
+        self._job_context = contextvars.copy_context()
         self._wake = Wakeup(self._loop)
         self._flush = asyncio.Event()
         dsn = self.app.dsn
@@ -595,7 +607,7 @@ class Worker(JobExecution):
         # cancelled that loop when its own timeout fired. On 3.12 and later the
         # Task starts eagerly: a handler that never waits finishes here.
         try:
-            future = _new_task(self._run_then_finish(attempt))
+            future = _new_task(self._run_then_finish(attempt), self._job_context.copy())
         except BaseException:
             self._running.discard(attempt)
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from datetime import timedelta
@@ -251,6 +252,42 @@ def test_a_handlers_own_timeout_error_is_not_its_timeout(
         ).fetchall()
     )
     assert kinds == {own: "TimeoutError", fired: "JobTimeout"}
+
+
+TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tenant", default=None
+)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("transactional", [False, True])
+def test_context_variables_do_not_leak_from_job_to_job(
+    dsn: str, conn: Conn, is_async: bool, transactional: bool
+) -> None:
+    """A context variable a handler sets (a tenant, a trace span, structlog's
+    bound context) is gone for the next job, which starts where a slot freed:
+    inside the job before it, or on the same thread."""
+    app = pgqueue.App(dsn)
+    seen: list[tuple[int, str | None]] = []
+
+    if is_async:
+
+        @app.task(transactional=transactional)
+        async def step(ctx: pgqueue.JobContext, n: int) -> None:
+            seen.append((n, TENANT.get()))
+            TENANT.set(f"tenant of job {n}")
+            await asyncio.sleep(0.01)
+
+    else:
+
+        @app.task(transactional=transactional)
+        def step(ctx: pgqueue.JobContext, n: int) -> None:
+            seen.append((n, TENANT.get()))
+            TENANT.set(f"tenant of job {n}")
+
+    app.tasks["step"].enqueue_many(conn, [{"n": n} for n in range(4)])
+    run_until_empty(app, concurrency=1, prefetch=3)
+    assert sorted(seen) == [(n, None) for n in range(4)]
 
 
 RESULTS = [
