@@ -200,6 +200,7 @@ class Worker(JobExecution):
         self._job_context = contextvars.Context()
         self._stopping = False
         self._shutting_down = False
+        self._grace_over = asyncio.Event()  # a cancel in the grace ends it
         self._due = True
         self._next_due_at: float | None = None
         self._wake: Wakeup | None = None
@@ -319,7 +320,7 @@ class Worker(JobExecution):
         try:
             await self._lease_loop()
         finally:
-            await self._shutdown(background)
+            await self._shut_down_whole(background)
 
     # -- the lease loop -----------------------------------------------------------
 
@@ -870,6 +871,27 @@ class Worker(JobExecution):
 
     # -- shutdown -----------------------------------------------------------------
 
+    async def _shut_down_whole(self, background: list[asyncio.Task[Any]]) -> None:
+        """Run the shutdown to its end even when run_async is cancelled (again)
+        meanwhile: a host that stops the worker and then cancels its task, or
+        wait_for with less time than the grace. Such a cancel ends the grace
+        at once; the hand back and the rest still happen, and the cancel is
+        raised after them. (Cut short, the shutdown used to leave jobs leased
+        while the heartbeat, still running, kept their leases alive.)"""
+        shutdown = asyncio.ensure_future(self._shutdown(background))
+        cancelled = False
+        while not shutdown.done():
+            try:
+                await asyncio.shield(shutdown)
+            except asyncio.CancelledError:
+                if shutdown.done():
+                    break
+                cancelled = True
+                self._grace_over.set()
+        if cancelled:
+            raise asyncio.CancelledError()
+        shutdown.result()
+
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         # Also when run_async was cancelled from outside: a job that ends in
         # the grace starts no other (_stopping, set by stop() and signals, says
@@ -880,7 +902,7 @@ class Worker(JobExecution):
             self._log.info(
                 "worker_draining", jobs=len(pending), grace_s=self.shutdown_grace
             )
-            await asyncio.wait(pending, timeout=self.shutdown_grace)
+            await self._grace(pending)
         # The heartbeat locks the rows it extends (SKIP LOCKED), and hand_back
         # skips locked rows: it ends before the hand back.
         if self._heartbeat_task is not None:
@@ -944,6 +966,21 @@ class Worker(JobExecution):
             leased=self.counters.leased,
             lease_calls=self.counters.lease_calls,
         )
+
+    async def _grace(self, pending: list[asyncio.Future[Any]]) -> None:
+        """Wait for the jobs in flight, up to the grace, or until a cancel of
+        run_async ends the grace (_shut_down_whole)."""
+        everyone = asyncio.ensure_future(asyncio.wait(pending))
+        over = asyncio.ensure_future(self._grace_over.wait())
+        try:
+            await asyncio.wait(
+                {everyone, over},
+                timeout=self.shutdown_grace,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            everyone.cancel()  # the jobs go on: asyncio.wait cancels none
+            over.cancel()
 
     async def _job_ids(self, query: str, jobs: list[Job]) -> list[int]:
         """Run ``query`` on the jobs' ids and lease tokens; the ids it returns."""

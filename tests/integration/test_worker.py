@@ -927,6 +927,60 @@ def test_a_cancelled_worker_starts_no_job_while_it_drains(dsn: str, conn: Conn) 
     assert states == {first: "succeeded", second: "queued"}
 
 
+def test_a_second_cancel_in_the_grace_ends_it_and_still_hands_back(
+    dsn: str, conn: Conn
+) -> None:
+    """stop(), then run_async's Task cancelled while a job runs in the grace
+    (a host that waits less than the grace): the grace ends at once, the
+    running job and the one leased behind it are handed back, the heartbeat
+    and every other task of the worker end, and the cancel reaches the host.
+    It used to cut the shutdown short: both jobs stayed leased, and the
+    heartbeat, still running, kept their leases alive for as long as the
+    host's loop ran."""
+    app = pgqueue.App(dsn)
+    worker = pgqueue.Worker(
+        app,
+        concurrency=1,
+        prefetch=1,
+        shutdown_grace=30,
+        lease_seconds=1.5,
+        handle_signals=False,
+    )
+    in_grace = asyncio.Event()
+
+    @app.task(transactional=False)
+    async def step(ctx: pgqueue.JobContext, name: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as other:
+            deadline = time.monotonic() + 30
+            while other.execute(
+                "select count(*) from pgqueue.jobs where state = 'running'"
+            ).fetchone() != (2,):  # the second is leased, waiting for a slot
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        worker.stop()
+        in_grace.set()
+        await asyncio.sleep(20)  # runs on in the grace
+
+    first = step.options(priority=1).enqueue(conn, name="first")
+    second = step.enqueue(conn, name="second")
+
+    async def main() -> list[asyncio.Task[Any]]:
+        running = asyncio.create_task(worker.run_async())
+        await asyncio.wait_for(in_grace.wait(), 30)
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        running.cancel()
+        await asyncio.wait({running}, timeout=30)
+        assert running.cancelled() and time.monotonic() - started < 10
+        await asyncio.sleep(2.0)  # longer than the lease: nothing renews it
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    left = asyncio.run(main())
+    assert left == []
+    states = dict(conn.execute("select id, state::text from pgqueue.jobs").fetchall())
+    assert states == {first: "queued", second: "queued"}
+
+
 def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
     dsn: str, conn: Conn
 ) -> None:
