@@ -751,6 +751,10 @@ class JobExecution:
         self._failed.append(Failure(attempt, message, payload, delay))
         self._flush.set()
 
+    def _retries_scheduled(self, delays: list[float]) -> None:
+        """Failed jobs went back to the queue, due in these many seconds
+        (worker.py looks again when the first is due)."""
+
     async def _write_failures(
         self, batch: Sequence[Failure], *, quiet: bool = False
     ) -> bool:
@@ -773,6 +777,13 @@ class JobExecution:
             return False
         # By (id, token): a job reaped and leased again may have two failures here.
         states = {(job_id, token): state for job_id, token, state in rows}
+        self._retries_scheduled(
+            [
+                f.delay
+                for f in batch
+                if states.get((f.attempt.job.id, f.attempt.job.lease_token)) == "queued"
+            ]
+        )
         for failure in batch:
             attempt = failure.attempt
             state = states.get((attempt.job.id, attempt.job.lease_token))

@@ -593,9 +593,24 @@ class Worker(JobExecution):
             self._log.warning("next_run_at_failed", error=repr(exc))
             return
         seconds = rows[0][0] if rows else None
-        self._next_due_at = (
-            None if seconds is None else self._loop.time() + max(0.0, float(seconds))
-        )
+        at = None if seconds is None else self._loop.time() + max(0.0, float(seconds))
+        # A retry this worker scheduled a moment ago (_retries_scheduled) may
+        # not have been committed when this looked: the earlier time stands.
+        kept = self._next_due_at
+        if kept is not None and kept > self._loop.time() and (at is None or kept < at):
+            at = kept
+        self._next_due_at = at
+
+    def _retries_scheduled(self, delays: list[float]) -> None:
+        """This worker just put jobs back in the queue for these many seconds
+        (their failures are written): look again when the first is due. No
+        NOTIFY says so, and an idle worker would wait for its next poll."""
+        if not delays or self._loop is None:
+            return
+        at = self._loop.time() + max(0.0, min(delays))
+        if self._next_due_at is None or at < self._next_due_at:
+            self._next_due_at = at
+        self._wake_up()
 
     # -- running one job ----------------------------------------------------------
 

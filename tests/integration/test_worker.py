@@ -981,6 +981,29 @@ def test_a_second_cancel_in_the_grace_ends_it_and_still_hands_back(
     assert states == {first: "queued", second: "queued"}
 
 
+@pytest.mark.parametrize("after", [0, 0.5])
+def test_an_idle_worker_runs_the_retry_it_scheduled_when_due(
+    dsn: str, conn: Conn, after: float
+) -> None:
+    """A retry this worker scheduled (Retry(after=...), or a backoff) runs when
+    it is due, not at the next poll: no NOTIFY announces it (fail_many sends
+    none), so an idle worker used to wait out its poll interval (5 s here)."""
+    app = pgqueue.App(dsn)
+    starts: list[float] = []
+
+    @app.task(transactional=False)
+    async def flaky(ctx: pgqueue.JobContext) -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            raise pgqueue.Retry("again", after=after)
+
+    with running_worker(app, poll_interval=5.0):
+        time.sleep(0.3)  # idle: waiting for a NOTIFY
+        flaky.enqueue(conn)
+        wait_until(lambda: len(starts) >= 2, timeout=20)
+    assert after <= starts[1] - starts[0] < after + 2.0
+
+
 def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
     dsn: str, conn: Conn
 ) -> None:
