@@ -338,8 +338,13 @@ class AsyncTxBatcher:
             with lent(conn):
                 payload = await item.run(conn)
         except asyncio.CancelledError:
-            if self._closing or _cancelling():
+            if self._closing:  # stop() cancels the lanes, and only it
                 raise
+            # The handler's own: it awaited something cancelled, or cancelled
+            # its Task, which is the lane's. That job fails; the lane goes on,
+            # with the cancel request withdrawn (else the lane's later awaits,
+            # and asyncio.timeout in later handlers, would take it for theirs).
+            _withdraw_cancel()
             raise HandlerCancelled() from None
         except Exception:
             raise
@@ -365,9 +370,11 @@ def _given_up(
     return _Broken()
 
 
-def _cancelling() -> bool:
-    """True while the running task is being cancelled (Python 3.11+; on 3.10
-    the batcher's own flag says when its lanes are)."""
+def _withdraw_cancel() -> None:
+    """Withdraw the cancel requests the running task received (Python 3.11+;
+    3.10 keeps no count)."""
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling is not None and cancelling())
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        while uncancel() > 0:
+            pass

@@ -264,21 +264,30 @@ def test_a_handler_that_times_out_mid_query_fails_alone(
     ).fetchone() == (7,)
 
 
+@pytest.mark.parametrize("how", ["awaits-a-cancelled-task", "cancels-its-task"])
 def test_a_handler_that_lets_a_cancellation_out_fails_alone_and_the_lane_goes_on(
-    dsn: str, conn: Conn
+    dsn: str, conn: Conn, how: str
 ) -> None:
-    """An async handler awaits a task it cancelled itself, so CancelledError
-    leaves it though nobody cancelled the worker: that job fails, and the one
-    lane (concurrency 2, batches of 2) keeps running the others."""
+    """An async handler awaits a task it cancelled itself, or cancels its own
+    Task (the lane's: a home-made deadline), so CancelledError leaves it though
+    nobody cancelled the worker: that job fails, and the one lane (concurrency
+    2, batches of 2) keeps running the others, timed ones included. A
+    self-cancel used to end the lane for good, stranding every later job."""
     app = pgqueue.App(dsn)
 
-    @app.task(max_attempts=1)
+    @app.task(max_attempts=1, timeout=5)
     async def job(ctx: pgqueue.JobContext, n: int) -> int:
         await ctx.conn.execute("select 1")
-        if n == 0:
+        if n == 0 and how == "cancels-its-task":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        elif n == 0:
             doomed = asyncio.ensure_future(asyncio.sleep(10))
             doomed.cancel()
             await doomed
+        await asyncio.sleep(0.01)
         return n
 
     with running_worker(app, concurrency=2, prefetch=0, tx_batch=2):
