@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,10 +55,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import JobTimeout
 from pgqueue.handler_conn import lent
+
+
+def savepoint_statements() -> tuple[str, str, str]:
+    """Make, release and roll back to a batch's savepoint, under a name of its
+    own: a handler that makes a savepoint of the same name and then fails
+    would have the batch roll back to the handler's savepoint only, and its
+    writes before it commit with its mates."""
+    name = sql.Identifier(f"pgqueue_{secrets.token_hex(8)}")
+    make, release, back = (
+        sql.SQL(text).format(name).as_string(None)
+        for text in ("savepoint {}", "release savepoint {}", "rollback to savepoint {}")
+    )
+    return make, release, back
 
 
 @dataclass(eq=False, slots=True)
@@ -125,6 +140,7 @@ class TxBatcher:
         self._max_seconds = max_seconds
         self._complete_all = complete_all
         self._complete_one = complete_one
+        self._savepoint, self._release, self._rollback_to = savepoint_statements()
         self._queue: queue.SimpleQueue[BatchItem | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._main, name=f"pgqueue-tx-{i}", daemon=True)
@@ -283,7 +299,7 @@ class TxBatcher:
         try:
             with conn.pipeline():
                 conn.execute("begin")
-                conn.execute("savepoint job")
+                conn.execute(self._savepoint)
         except psycopg.Error as exc:
             _settle([(it, None, exc) for it in items])
             raise _Broken() from exc
@@ -297,14 +313,16 @@ class TxBatcher:
                 # complete_one raises PQ004 when the lease was lost, which skips
                 # the rest of the pipeline; the job's savepoint then rolls back.
                 payload = self._run_and_complete(
-                    conn, item, ("release savepoint job", "savepoint job")
+                    conn,
+                    item,
+                    (self._release, self._savepoint),
                 )
                 completed.append((item, payload))
             except BaseException as exc:
                 item.set_completing(False)
                 outcomes.append((item, None, exc))
                 try:
-                    conn.execute("rollback to savepoint job")
+                    conn.execute(self._rollback_to)
                 except psycopg.Error as broken:
                     self._abandon(items[index + 1 :], completed, outcomes, broken)
                     raise _Broken() from broken

@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import HandlerCancelled, HandlerRaisedBaseException, JobTimeout
 from pgqueue.handler_conn import lent
-from pgqueue.txbatch import check_left_open
+from pgqueue.txbatch import check_left_open, savepoint_statements
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +83,7 @@ class AsyncTxBatcher:
         self._max_seconds = max_seconds
         self._complete_all = complete_all
         self._complete_one = complete_one
+        self._savepoint, self._release, self._rollback_to = savepoint_statements()
         self._queue: asyncio.Queue[AsyncBatchItem | None] = asyncio.Queue()
         self._closing = False  # stop() is cancelling the lanes
         self._lanes = [asyncio.create_task(self._lane()) for _ in range(lanes)]
@@ -248,7 +249,7 @@ class AsyncTxBatcher:
         try:
             async with conn.pipeline():
                 await conn.execute("begin")
-                await conn.execute("savepoint job")
+                await conn.execute(self._savepoint)
         except psycopg.Error as exc:
             raise _Broken() from exc
         for item in items:
@@ -261,14 +262,16 @@ class AsyncTxBatcher:
                 # complete_one raises PQ004 when the lease was lost, which skips
                 # the rest of the pipeline; the job's savepoint then rolls back.
                 payload = await self._run_and_complete(
-                    conn, item, ("release savepoint job", "savepoint job")
+                    conn,
+                    item,
+                    (self._release, self._savepoint),
                 )
                 completed.append((item, payload))
             except Exception as exc:
                 item.set_completing(False)
                 outcomes.append((item, None, exc))
                 try:
-                    await conn.execute("rollback to savepoint job")
+                    await conn.execute(self._rollback_to)
                 except psycopg.Error as broken:
                     raise _given_up(outcomes, completed) from broken
         try:
