@@ -200,6 +200,7 @@ class Worker(JobExecution):
         self._job_context = contextvars.Context()
         self._stopping = False
         self._shutting_down = False
+        self._registered = False  # its row in workers was written
         self._grace_over = asyncio.Event()  # a cancel in the grace ends it
         self._due = True
         self._next_due_at: float | None = None
@@ -264,7 +265,25 @@ class Worker(JobExecution):
             connection_class=AsyncHandlerConnection,
             open=False,
         )
-        await self._pool.open(wait=True, timeout=30)
+        # Whatever startup opened is closed again if a later step fails (the
+        # database refuses register_worker, say) or run_async is cancelled
+        # before the lease loop runs: a host that starts workers again does
+        # not pile up pools, threads and signal handlers.
+        background: list[asyncio.Task[Any]] = []
+        try:
+            await self._pool.open(wait=True, timeout=30)
+            await self._start_up(tasks, background)
+            await self._lease_loop()
+        finally:
+            await self._shut_down_whole(background)
+
+    async def _start_up(
+        self, tasks: list[Any], background: list[asyncio.Task[Any]]
+    ) -> None:
+        """Threads, batchers, signal handlers, the worker's row, and the
+        background tasks (added to ``background`` as they start)."""
+        assert self._loop is not None
+        dsn = self.app.dsn
         if any(not t.is_async for t in tasks):
             self._executor = ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
@@ -294,6 +313,7 @@ class Worker(JobExecution):
             self._stmts.register_worker,
             [self.worker_id, socket.gethostname(), os.getpid(), self.queues],
         )
+        self._registered = True
         self._log.info(
             "worker_started",
             queues=self.queues,
@@ -301,7 +321,7 @@ class Worker(JobExecution):
             tasks=sorted(self.app.tasks),
         )
         self._heartbeat_task = asyncio.create_task(self._heartbeater())
-        background = [
+        background += [
             asyncio.create_task(self._flusher()),
             self._heartbeat_task,
             asyncio.create_task(self._maintainer()),
@@ -317,10 +337,6 @@ class Worker(JobExecution):
                 dsn, self.app.schema, self.queues, self._on_notify, log=self._log
             )
             background.append(asyncio.create_task(listener.run()))
-        try:
-            await self._lease_loop()
-        finally:
-            await self._shut_down_whole(background)
 
     # -- the lease loop -----------------------------------------------------------
 
@@ -954,8 +970,9 @@ class Worker(JobExecution):
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._execute(self._stmts.unregister_worker, [self.worker_id])
+        if self._registered:
+            with contextlib.suppress(Exception):
+                await self._execute(self._stmts.unregister_worker, [self.worker_id])
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._tx_batcher is not None:
@@ -974,6 +991,11 @@ class Worker(JobExecution):
                 await self._lease_conn.close()
         if self._pool is not None:
             await self._pool.close(timeout=1.0)
+        if self.handle_signals and self._loop is not None:
+            # The loop may live on (a host's): a signal that reached these
+            # handlers now would find the worker stopped and exit the process.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.remove_signal_handler(sig)
         self._log.info(
             "worker_stopped",
             succeeded=self.counters.succeeded,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -1002,6 +1003,59 @@ def test_an_idle_worker_runs_the_retry_it_scheduled_when_due(
         flaky.enqueue(conn)
         wait_until(lambda: len(starts) >= 2, timeout=20)
     assert after <= starts[1] - starts[0] < after + 2.0
+
+
+def test_a_stopped_worker_leaves_no_signal_handler_in_a_loop_that_lives_on(
+    dsn: str, conn: Conn
+) -> None:
+    """A host whose event loop outlives the worker: the worker's SIGTERM and
+    SIGINT handlers go with it (a signal reaching them afterwards found the
+    worker stopped and ended the process at once)."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        return None
+
+    noop.enqueue(conn)
+
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        await pgqueue.Worker(app, until_empty=True).run_async()
+        return [loop.remove_signal_handler(s) for s in (signal.SIGTERM, signal.SIGINT)]
+
+    assert asyncio.run(main()) == [False, False]
+
+
+def test_a_worker_that_fails_to_start_closes_what_it_opened(
+    dsn: str, conn: Conn
+) -> None:
+    """register_worker fails (here: the function is gone): run_async raises,
+    and the pool, the threads, the background tasks and the signal handlers
+    it had started are gone too."""
+    app = pgqueue.App(dsn)
+
+    @app.task()
+    def noop(ctx: pgqueue.JobContext) -> None:
+        return None
+
+    conn.execute("drop function pgqueue.register_worker")
+    worker = pgqueue.Worker(app)
+
+    async def main() -> tuple[list[asyncio.Task[Any]], list[bool]]:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            await worker.run_async()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        handlers = [
+            loop.remove_signal_handler(s) for s in (signal.SIGTERM, signal.SIGINT)
+        ]
+        return left, handlers
+
+    left, handlers = asyncio.run(main())
+    assert left == [] and handlers == [False, False]
+    assert worker._pool is not None and worker._pool.closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("pgqueue-job")]
 
 
 def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
