@@ -494,7 +494,7 @@ class JobExecution:
         Only the timeout firing is JobTimeout: a TimeoutError the handler
         raised itself (a socket's, an HTTP client's) is its own failure. On
         3.11 and later the handler stays in the Task that awaits this (its
-        job's, or a transaction batch lane's: asyncio.timeout); on 3.10,
+        job's own, in a batch too: asyncio.timeout); on 3.10,
         wait_for runs it in a Task of its own and raises asyncio.TimeoutError,
         which there is not the builtin TimeoutError.
         """

@@ -333,21 +333,20 @@ class AsyncTxBatcher:
     ) -> str | None:
         """Run one handler in the open transaction and check it left it usable.
 
-        A CancelledError out of a handler that nobody cancelled (it awaited a
-        task it had cancelled itself, say) is that job's failure, not the
-        lane's end.
+        Each handler runs in a Task of its own, made from the lane's context
+        (the worker's, when it started): the context variables it sets stay
+        its own, and a handler that cancels its Task cancels only itself. A
+        cancel of the lane reaches the handler through its Task. A
+        CancelledError out of a handler that nobody cancelled (it awaited a
+        task it had cancelled itself, or cancelled its own) is that job's
+        failure, not the lane's end.
         """
         try:
             with lent(conn):
-                payload = await item.run(conn)
+                payload = await asyncio.ensure_future(item.run(conn))
         except asyncio.CancelledError:
-            if self._closing:  # stop() cancels the lanes, and only it
+            if self._closing or _cancelling():
                 raise
-            # The handler's own: it awaited something cancelled, or cancelled
-            # its Task, which is the lane's. That job fails; the lane goes on,
-            # with the cancel request withdrawn (else the lane's later awaits,
-            # and asyncio.timeout in later handlers, would take it for theirs).
-            _withdraw_cancel()
             raise HandlerCancelled() from None
         except Exception:
             raise
@@ -373,11 +372,9 @@ def _given_up(
     return _Broken()
 
 
-def _withdraw_cancel() -> None:
-    """Withdraw the cancel requests the running task received (Python 3.11+;
-    3.10 keeps no count)."""
+def _cancelling() -> bool:
+    """True while the running task (the lane) is being cancelled (Python
+    3.11+; on 3.10 the batcher's own flag says when its lanes are)."""
     task = asyncio.current_task()
-    uncancel = getattr(task, "uncancel", None)
-    if uncancel is not None:
-        while uncancel() > 0:
-            pass
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())

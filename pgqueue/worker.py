@@ -201,6 +201,7 @@ class Worker(JobExecution):
         self._stopping = False
         self._shutting_down = False
         self._registered = False  # its row in workers was written
+        self._signals_installed = False
         self._grace_over = asyncio.Event()  # a cancel in the grace ends it
         self._due = True
         self._next_due_at: float | None = None
@@ -247,6 +248,7 @@ class Worker(JobExecution):
         self._job_context = contextvars.copy_context()
         self._wake = Wakeup(self._loop)
         self._flush = asyncio.Event()
+        self._grace_over = asyncio.Event()
         dsn = self.app.dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.check_up_to_date(conn, self.app.schema)
@@ -307,6 +309,7 @@ class Worker(JobExecution):
                 complete_one=self._stmts.complete_one,
             )
         if self.handle_signals:
+            self._signals_installed = True
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
         await self._execute(
@@ -612,8 +615,9 @@ class Worker(JobExecution):
         at = None if seconds is None else self._loop.time() + max(0.0, float(seconds))
         # A retry this worker scheduled a moment ago (_retries_scheduled) may
         # not have been committed when this looked: the earlier time stands.
+        # Kept even when it has passed: the loop looks at once, and clears it.
         kept = self._next_due_at
-        if kept is not None and kept > self._loop.time() and (at is None or kept < at):
+        if kept is not None and (at is None or kept < at):
             at = kept
         self._next_due_at = at
 
@@ -915,11 +919,13 @@ class Worker(JobExecution):
             try:
                 await asyncio.shield(shutdown)
             except asyncio.CancelledError:
+                cancelled = True
                 if shutdown.done():
                     break
-                cancelled = True
                 self._grace_over.set()
         if cancelled:
+            if not shutdown.cancelled() and shutdown.exception() is not None:
+                self._log.error("shutdown_failed", error=repr(shutdown.exception()))
             raise asyncio.CancelledError()
         shutdown.result()
 
@@ -991,9 +997,10 @@ class Worker(JobExecution):
                 await self._lease_conn.close()
         if self._pool is not None:
             await self._pool.close(timeout=1.0)
-        if self.handle_signals and self._loop is not None:
+        if self._signals_installed and self._loop is not None:
             # The loop may live on (a host's): a signal that reached these
             # handlers now would find the worker stopped and exit the process.
+            self._signals_installed = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)
         self._log.info(

@@ -261,9 +261,11 @@ TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
-@pytest.mark.parametrize("transactional", [False, True])
+@pytest.mark.parametrize(
+    ("transactional", "tx_batch"), [(False, 1), (True, 1), (True, 4)]
+)
 def test_context_variables_do_not_leak_from_job_to_job(
-    dsn: str, conn: Conn, is_async: bool, transactional: bool
+    dsn: str, conn: Conn, is_async: bool, transactional: bool, tx_batch: int
 ) -> None:
     """A context variable a handler sets (a tenant, a trace span, structlog's
     bound context) is gone for the next job, which starts where a slot freed:
@@ -287,7 +289,7 @@ def test_context_variables_do_not_leak_from_job_to_job(
             TENANT.set(f"tenant of job {n}")
 
     app.tasks["step"].enqueue_many(conn, [{"n": n} for n in range(4)])
-    run_until_empty(app, concurrency=1, prefetch=3)
+    run_until_empty(app, concurrency=tx_batch, prefetch=3, tx_batch=tx_batch)
     assert sorted(seen) == [(n, None) for n in range(4)]
 
 
