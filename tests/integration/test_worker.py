@@ -887,6 +887,20 @@ def test_cancelling_the_worker_hands_back_the_lease_it_waits_for(
     ]
 
 
+async def _until_running(dsn: str, jobs: int) -> None:
+    """From inside a handler: wait until ``jobs`` jobs are leased (30 s at most)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+        deadline = time.monotonic() + 30
+        while True:
+            cur = await other.execute(
+                "select count(*) from pgqueue.jobs where state = 'running'"
+            )
+            if await cur.fetchone() == (jobs,):
+                return
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+
 def test_a_cancelled_worker_starts_no_job_while_it_drains(dsn: str, conn: Conn) -> None:
     """run_async cancelled from outside drains like stop(): the job running
     finishes within the grace, and the job leased behind it does not start
@@ -904,13 +918,7 @@ def test_a_cancelled_worker_starts_no_job_while_it_drains(dsn: str, conn: Conn) 
         started.append(name)
         if name != "first":
             return
-        with psycopg.connect(dsn, autocommit=True) as other:
-            deadline = time.monotonic() + 30
-            while other.execute(
-                "select count(*) from pgqueue.jobs where state = 'running'"
-            ).fetchone() != (2,):  # the second is leased, waiting for a slot
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+        await _until_running(dsn, 2)  # the second is leased, waiting for a slot
         running[0].cancel()
         await asyncio.sleep(0.3)  # still running as the worker drains
 
@@ -953,13 +961,7 @@ def test_a_second_cancel_in_the_grace_ends_it_and_still_hands_back(
 
     @app.task(transactional=False)
     async def step(ctx: pgqueue.JobContext, name: str) -> None:
-        with psycopg.connect(dsn, autocommit=True) as other:
-            deadline = time.monotonic() + 30
-            while other.execute(
-                "select count(*) from pgqueue.jobs where state = 'running'"
-            ).fetchone() != (2,):  # the second is leased, waiting for a slot
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+        await _until_running(dsn, 2)  # the second is leased, waiting for a slot
         worker.stop()
         in_grace.set()
         await asyncio.sleep(20)  # runs on in the grace
