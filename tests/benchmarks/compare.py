@@ -202,22 +202,39 @@ def psycopg_inserts(dsn: str, n: int) -> float:
         return n / (time.perf_counter() - started)
 
 
+def raw_db(server: str, preload: int = 0) -> str:
+    """A fresh database with the raw jobs table, holding ``preload`` jobs."""
+    dsn = fresh_db(server, "pqbench_raw")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(RAW_TABLE)
+        if preload:
+            conn.execute(
+                "insert into jobs (args) select '{}' from generate_series(1, %s)",
+                [preload],
+            )
+            conn.execute("vacuum analyze jobs")
+    return dsn
+
+
+def take_batch(server: str, clients: int, n: int) -> tuple[float, float | None]:
+    """One run of the batched ceiling: jobs/s taking ``n`` jobs 100 a
+    transaction with ``clients`` clients, and the server's CPU a job (us)."""
+    dsn = raw_db(server, n)
+    cpu = ServerCpu(server)
+    before = cpu.read(settle=0.5)
+    rate = pgbench(dsn, SCRIPTS["take_batch"], clients, n // (100 * clients))
+    used = ServerCpu.used(before, cpu.read(settle=0.5))
+    drop_db(server, "pqbench_raw")
+    return rate * 100, per_job_us(used, n)
+
+
 def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, float]:
     """pgbench ceilings; the batched take uses ``fast_n`` jobs, the median of
     ``repeat`` runs, as the fast drains it is compared with do."""
     res: dict[str, float] = {}
 
     def fresh(preload: int = 0) -> str:
-        dsn = fresh_db(server, "pqbench_raw")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(RAW_TABLE)
-            if preload:
-                conn.execute(
-                    "insert into jobs (args) select '{}' from generate_series(1, %s)",
-                    [preload],
-                )
-                conn.execute("vacuum analyze jobs")
-        return dsn
+        return raw_db(server, preload)
 
     # Medians of `repeat` runs, as the systems' enqueue rates are.
     res["insert_one"] = statistics.median(
@@ -241,22 +258,12 @@ def raw_ceilings(server: str, n: int, fast_n: int, repeat: int) -> dict[str, flo
         res[f"take_one_business_{clients}c"] = pgbench(
             fresh(n), SCRIPTS["take_one_business"], clients, n // clients
         )
-    cpu = ServerCpu(server)
     for clients in (1, 2):
-        runs = []
-        for _ in range(repeat):
-            dsn = fresh(fast_n)
-            before = cpu.read(settle=0.5)
-            rate = pgbench(
-                dsn, SCRIPTS["take_batch"], clients, fast_n // (100 * clients)
-            )
-            used = ServerCpu.used(before, cpu.read(settle=0.5))
-            runs.append((rate * 100, per_job_us(used, fast_n)))
+        runs = [take_batch(server, clients, fast_n) for _ in range(repeat)]
         res[f"take_batch_{clients}c"] = statistics.median(r[0] for r in runs)
-        if runs[0][1] is not None:
-            res[f"take_batch_{clients}c_server_cpu_us"] = statistics.median(
-                r[1] for r in runs if r[1] is not None
-            )
+        cpus = [r[1] for r in runs if r[1] is not None]
+        if cpus:
+            res[f"take_batch_{clients}c_server_cpu_us"] = statistics.median(cpus)
     drop_db(server, "pqbench_raw")
     return res
 
@@ -379,10 +386,26 @@ def drain_figures(
     repeat: int,
     setup: str = "-",
     suffix: str = "",
+    paired: bool = False,
 ) -> dict[str, float]:
     """Median of `repeat` drains (a fast drain varies +-15 % run to run) of the
-    rate and the CPU per job, as drain_{processes}proc{suffix}[_worker_cpu_us...]."""
-    runs = [drain(server, system, n, processes, setup) for _ in range(repeat)]
+    rate and the CPU per job, as drain_{processes}proc{suffix}[_worker_cpu_us...].
+
+    ``paired``: each drain comes right after a run of the batched ceiling with
+    as many clients as processes, on the same number of jobs; the median of
+    the drain/ceiling ratios is ..._paired_ratio. The machine's speed drifts
+    over a run (the ceiling measured at its start moved 115k-158k jobs/s from
+    one run to another here), and a ratio of two figures taken seconds apart
+    is not moved by that drift."""
+    runs = []
+    ratios = []
+    ceilings = []
+    for _ in range(repeat):
+        ceiling = take_batch(server, processes, n)[0] if paired else None
+        runs.append(drain(server, system, n, processes, setup))
+        if ceiling is not None:
+            ceilings.append(ceiling)
+            ratios.append(runs[-1]["rate"] / ceiling)
     key = f"drain_{processes}proc{suffix}"
     res = {}
     for figure, name in (("rate", key), ("worker_cpu_us", f"{key}_worker_cpu_us"),
@@ -390,6 +413,9 @@ def drain_figures(
         values = [r[figure] for r in runs if figure in r]
         if values:
             res[name] = statistics.median(values)
+    if ratios:
+        res[f"{key}_paired_ceiling"] = statistics.median(ceilings)
+        res[f"{key}_paired_ratio"] = statistics.median(ratios)
     return res
 
 
@@ -410,7 +436,11 @@ def measure(
     }
     size = drain_n.get(system, n)
     for processes in (1, 2):
-        res.update(drain_figures(server, system, size, processes, repeat))
+        res.update(
+            drain_figures(
+                server, system, size, processes, repeat, paired=system == "pgqueue"
+            )
+        )
     res.update(failing_drain(server, system, size))
     res.update(latency(server, system, 300))
     return res
@@ -475,7 +505,12 @@ def report(raw: dict[str, float], systems: dict[str, dict[str, float]]) -> str:
         row = [key]
         for figures in systems.values():
             value = figures.get(key)
-            row.append("-" if value is None else f"{value:,.1f}")
+            if value is None:
+                row.append("-")
+            elif key.endswith("_paired_ratio"):  # a share of a ceiling
+                row.append(f"{value:.0%}")
+            else:
+                row.append(f"{value:,.1f}")
         ceiling = raw.get(CEILING.get(key, ""))
         ours = systems.get("pgqueue", {}).get(key)
         row.append("-" if ceiling is None else f"{ceiling:,.0f} ({CEILING[key]})")
