@@ -152,6 +152,15 @@ def worker(
     until_empty: Annotated[
         bool, typer.Option(help="Exit when no job is due and none is running.")
     ] = False,
+    db_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds the worker waits for the answer to one of its own"
+            " statements before it takes the connection for dead and opens"
+            " another.",
+        ),
+    ] = 30.0,
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (--no-listen: poll only).")
     ] = True,
@@ -206,6 +215,7 @@ def worker(
             until_empty=until_empty,
             listen=listen,
             retention=timedelta(hours=retention) if prune_jobs else None,
+            db_timeout=db_timeout,
         ).run()
     except PgqueueError as exc:
         _fail(str(exc))

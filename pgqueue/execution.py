@@ -338,6 +338,7 @@ class JobExecution:
     app: App
     worker_id: str
     counters: Counters
+    _dsn: str  # the app's, with keepalives (liveness.with_liveness_defaults)
     _stmts: _sql.Statements
     _log: Any
     _log_info: bool  # info events are kept (log.is_info_enabled)
@@ -653,7 +654,7 @@ class JobExecution:
 
     def _new_connection(self) -> psycopg.Connection[Any]:
         conn = HandlerConnection.connect(
-            self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+            self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
         with self._thread_conns_lock:
             self._thread_conns.append(conn)

@@ -55,6 +55,7 @@ from pgqueue.execution import (
 )
 from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
+from pgqueue.liveness import fetch_within, with_liveness_defaults
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 from pgqueue.txbatch_async import AsyncTxBatcher
@@ -120,6 +121,12 @@ class Worker(JobExecution):
         listen: use LISTEN/NOTIFY, and hold the listening locks while waiting
             so that enqueues NOTIFY (sql/migrations/0016). False: poll only and
             take no session lock, e.g. behind PgBouncer in transaction mode.
+        db_timeout: the longest the worker waits for the answer to one of its
+            own statements (lease, completions, failures, heartbeat, reap,
+            prune, hand back) before it takes the connection for dead, closes
+            it and goes on with a new one (pgqueue/liveness.py). Handlers'
+            statements have no such limit; their connections, like all the
+            worker's, get TCP keepalives unless the DSN says otherwise.
     """
 
     def __init__(
@@ -140,6 +147,7 @@ class Worker(JobExecution):
         retention: timedelta | None = timedelta(days=7),
         worker_id: str | None = None,
         handle_signals: bool = True,
+        db_timeout: float = 30.0,
     ) -> None:
         if concurrency < 1 or prefetch < 0 or not 1 <= tx_batch <= MAX_TX_BATCH:
             raise ConfigurationError(
@@ -147,6 +155,8 @@ class Worker(JobExecution):
             )
         if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
+        if not db_timeout > 0:
+            raise ConfigurationError(f"db_timeout must be positive, got {db_timeout}")
         if not queues:
             raise ConfigurationError("give at least one queue")
         if prune_interval <= 0 or (retention is not None and retention < timedelta()):
@@ -172,6 +182,10 @@ class Worker(JobExecution):
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.handle_signals = handle_signals
+        self.db_timeout = db_timeout
+        # The DSN every connection of the worker uses (run_async sets it): the
+        # app's, with keepalives and timeouts where it names none.
+        self._dsn = ""
         self.counters = Counters()
         self._stmts = _sql.statements(app.schema)
         self._log = get_logger(worker_id=self.worker_id)
@@ -249,7 +263,7 @@ class Worker(JobExecution):
         self._wake = Wakeup(self._loop)
         self._flush = asyncio.Event()
         self._grace_over = asyncio.Event()
-        dsn = self.app.dsn
+        dsn = self._dsn = with_liveness_defaults(self.app.dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.check_up_to_date(conn, self.app.schema)
         tasks = list(self.app.tasks.values())
@@ -285,7 +299,7 @@ class Worker(JobExecution):
         """Threads, batchers, signal handlers, the worker's row, and the
         background tasks (added to ``background`` as they start)."""
         assert self._loop is not None
-        dsn = self.app.dsn
+        dsn = self._dsn
         if any(not t.is_async for t in tasks):
             self._executor = ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="pgqueue-job"
@@ -1070,8 +1084,7 @@ class Worker(JobExecution):
     ) -> list[tuple[Any, ...]]:
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            cur = await conn.execute(query, params)
-            return await cur.fetchall()
+            return await fetch_within(conn, self.db_timeout, query, params)
 
     async def _fetch_leasing(
         self, query: str, params: list[Any]
@@ -1087,28 +1100,29 @@ class Worker(JobExecution):
                 with contextlib.suppress(Exception):
                     await conn.close()
             conn = await psycopg.AsyncConnection.connect(
-                self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+                self._dsn, autocommit=True, application_name="pgqueue-worker"
             )
             try:
                 # A job's run_at and created_at in UTC: psycopg converts each
                 # timestamptz to the session's time zone, through zoneinfo for
                 # any zone but 'UTC' (even 'Etc/UTC'), which cost 1 us a value.
-                await conn.execute("set timezone to 'UTC'")
+                await fetch_within(
+                    conn, self.db_timeout, "set timezone to 'UTC'", rows=False
+                )
             except BaseException:
                 await conn.close()
                 raise
             self._lease_conn = conn
         # Binary rows: ints, the token and the timestamps parse faster
         # (lease rows, 2 cores: 1.1-1.4 us a row against 1.6-1.8 as text).
-        cur = await conn.execute(query, params, binary=True)
-        return await cur.fetchall()
+        return await fetch_within(conn, self.db_timeout, query, params, binary=True)
 
     async def _new_async_connection(self) -> psycopg.AsyncConnection[Any]:
         return await AsyncHandlerConnection.connect(
-            self.app.dsn, autocommit=True, application_name="pgqueue-worker"
+            self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
 
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            await conn.execute(query, params)
+            await fetch_within(conn, self.db_timeout, query, params, rows=False)
