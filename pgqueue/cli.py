@@ -153,14 +153,14 @@ def worker(
         bool, typer.Option(help="Exit when no job is due and none is running.")
     ] = False,
     db_timeout: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.1,
             help="Seconds the worker waits for the answer to one of its own"
             " statements before it takes the connection for dead and opens"
-            " another.",
+            " another. Default: a third of the lease, at most 30.",
         ),
-    ] = 30.0,
+    ] = None,
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (--no-listen: poll only).")
     ] = True,

@@ -758,10 +758,11 @@ class JobExecution:
 
     async def _write_failures(
         self, batch: Sequence[Failure], *, quiet: bool = False
-    ) -> bool:
-        """Record a batch of failures in one statement; False if it failed (the
-        flusher keeps them and tries again, see worker._flush_failures). Quiet:
-        no warning when it fails (the flusher warns when it gives one up)."""
+    ) -> Exception | None:
+        """Record a batch of failures in one statement; the error if that
+        failed (the flusher keeps them and tries again, see
+        worker._flush_failures). Quiet: no warning when it fails (the flusher
+        warns when it gives one up)."""
         try:
             rows = await self._fetch(
                 self._stmts.fail_many,
@@ -775,7 +776,7 @@ class JobExecution:
         except Exception as exc:
             if not quiet:
                 self._log.warning("fail_not_recorded", error=repr(exc), jobs=len(batch))
-            return False
+            return exc
         # By (id, token): a job reaped and leased again may have two failures here.
         states = {(job_id, token): state for job_id, token, state in rows}
         self._retries_scheduled(
@@ -800,4 +801,4 @@ class JobExecution:
                 state=state,
                 retry_in_s=round(failure.delay, 3) if state == "queued" else None,
             )
-        return True
+        return None

@@ -9,10 +9,12 @@ completes nothing, and does not react to a stop until the second signal.
 
 Two guards, both on by default:
 
-* Every connection the worker opens gets TCP keepalives, a TCP user timeout
-  and a connect timeout, unless its DSN (or ``PGCONNECT_TIMEOUT``) sets them:
-  the kernel ends a dead connection within about 30 s, idle (the listener's,
-  a pooled one, a handler's) or not.
+* Every connection the worker opens gets TCP keepalives and a connect
+  timeout, unless its DSN (or ``PGCONNECT_TIMEOUT``) sets them: the kernel
+  ends a dead idle connection (the listener's, a pooled one, a handler's
+  between two statements) within about 30 s. No TCP user timeout: it would
+  also end a healthy connection whose server stops reading for that long (a
+  handler's COPY into a locked table).
 * Each statement the worker sends on its own behalf (lease, completions,
   failures, heartbeat, reap, prune, hand back) has a deadline. Past it the
   worker shuts the socket down, the statement fails as on a lost connection
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,14 +40,13 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # Idle 15 s, then a probe every 5 s, 3 unanswered: a dead idle connection is
-# closed after about 30 s. Unacknowledged data for 30 s closes it too.
+# closed after about 30 s.
 LIVENESS_DEFAULTS: Mapping[str, str] = {
     "connect_timeout": "10",
     "keepalives": "1",
     "keepalives_idle": "15",
     "keepalives_interval": "5",
     "keepalives_count": "3",
-    "tcp_user_timeout": "30000",  # ms; libpq 12 and later
 }
 
 
@@ -55,14 +57,31 @@ class NoAnswer(psycopg.OperationalError):
 
 
 def with_liveness_defaults(dsn: str) -> str:
-    """``dsn`` with :data:`LIVENESS_DEFAULTS` added where it names none."""
+    """``dsn`` with :data:`LIVENESS_DEFAULTS` added where it names none.
+
+    Nothing is added to a DSN that names a service (or with ``PGSERVICE``
+    set): what the service file says would not be known, and a value given
+    here would override it.
+    """
     given = conninfo_to_dict(dsn)
+    if "service" in given or "PGSERVICE" in os.environ:
+        return dsn
     missing = {k: v for k, v in LIVENESS_DEFAULTS.items() if k not in given}
     if "PGCONNECT_TIMEOUT" in os.environ:
         missing.pop("connect_timeout", None)
-    if psycopg.pq.version() < 120000:
-        missing.pop("tcp_user_timeout", None)
     return make_conninfo(dsn, **missing) if missing else dsn
+
+
+RECHECK = 0.5  # seconds: see fetch_within
+
+
+def _readable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """True if the connection's socket has bytes waiting to be read."""
+    try:
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return bool(ready)
 
 
 def shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -89,19 +108,33 @@ async def fetch_within(
 ) -> list[tuple[Any, ...]]:
     """Run ``query`` and return its rows (none if ``rows`` is False), or
     raise :class:`NoAnswer` if the database has not answered in ``seconds``.
+
+    The deadline is not kept to the letter when an answer is arriving as it
+    passes (the socket has bytes to read: after an event loop that was held
+    up, say); it is then looked at again a moment later.
     """
     loop = asyncio.get_running_loop()
     expired = False
+    timer: list[asyncio.TimerHandle] = []  # the one armed now
 
     def expire() -> None:
         nonlocal expired
+        if _readable(conn):
+            timer[0] = loop.call_later(min(seconds, RECHECK), expire)
+            return
         expired = True
         shut_down(conn)
 
-    timer = loop.call_later(seconds, expire)
+    timer.append(loop.call_later(seconds, expire))
     try:
         cur = await conn.execute(query, params, binary=binary)
-        return await cur.fetchall() if rows else []
+        result = await cur.fetchall() if rows else []
+        if expired:
+            # The whole answer had been read by the time the timer ran, and
+            # the socket is shut down under a connection that looks healthy:
+            # close it, so that nobody uses it again.
+            await conn.close()
+        return result
     except psycopg.OperationalError as exc:
         if expired:
             raise NoAnswer(
@@ -110,4 +143,4 @@ async def fetch_within(
             ) from exc
         raise
     finally:
-        timer.cancel()
+        timer[0].cancel()

@@ -55,11 +55,14 @@ from pgqueue.execution import (
 )
 from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
-from pgqueue.liveness import fetch_within, with_liveness_defaults
+from pgqueue.liveness import NoAnswer, fetch_within, with_liveness_defaults
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 from pgqueue.txbatch_async import AsyncTxBatcher
 from pgqueue.wakeup import Wakeup
+
+# Seconds before a failed heartbeat is tried again.
+HEARTBEAT_RETRY = 0.5
 
 # A batch that falls back to savepoints gives each job that wrote a
 # subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
@@ -124,9 +127,12 @@ class Worker(JobExecution):
         db_timeout: the longest the worker waits for the answer to one of its
             own statements (lease, completions, failures, heartbeat, reap,
             prune, hand back) before it takes the connection for dead, closes
-            it and goes on with a new one (pgqueue/liveness.py). Handlers'
-            statements have no such limit; their connections, like all the
-            worker's, get TCP keepalives unless the DSN says otherwise.
+            it and goes on with a new one (pgqueue/liveness.py). Default: a
+            third of the lease, at most 30 s, so that a heartbeat that gets no
+            answer is tried again on another connection before the leases it
+            was renewing run out. Handlers' statements have no such limit;
+            their connections, like all the worker's, get TCP keepalives
+            unless the DSN says otherwise.
     """
 
     def __init__(
@@ -147,7 +153,7 @@ class Worker(JobExecution):
         retention: timedelta | None = timedelta(days=7),
         worker_id: str | None = None,
         handle_signals: bool = True,
-        db_timeout: float = 30.0,
+        db_timeout: float | None = None,
     ) -> None:
         if concurrency < 1 or prefetch < 0 or not 1 <= tx_batch <= MAX_TX_BATCH:
             raise ConfigurationError(
@@ -155,7 +161,7 @@ class Worker(JobExecution):
             )
         if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
-        if not db_timeout > 0:
+        if db_timeout is not None and not db_timeout > 0:
             raise ConfigurationError(f"db_timeout must be positive, got {db_timeout}")
         if not queues:
             raise ConfigurationError("give at least one queue")
@@ -182,7 +188,7 @@ class Worker(JobExecution):
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.handle_signals = handle_signals
-        self.db_timeout = db_timeout
+        self.db_timeout = db_timeout or min(lease_seconds / 3, 30.0)
         # The DSN every connection of the worker uses (run_async sets it): the
         # app's, with keepalives and timeouts where it names none.
         self._dsn = ""
@@ -195,6 +201,10 @@ class Worker(JobExecution):
         self._running: set[Attempt] = set()
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
         self._done: list[tuple[Attempt, str | None]] = []
+        # The completions whose statement is on its way: the heartbeat renews
+        # their leases too (a statement on a connection gone silent waits up
+        # to db_timeout before it is sent again).
+        self._writing: list[tuple[Attempt, str | None]] = []
         self._failed: list[Failure] = []  # failures the flusher has yet to write
         self._dispatching = False  # _dispatch is starting jobs
         # Below this many free slots, wait for more to free before leasing, so
@@ -746,7 +756,11 @@ class Worker(JobExecution):
             else:
                 later.append(item)
         self._done = later
-        error = await self._write_completions(batch)
+        self._writing = batch
+        try:
+            error = await self._write_completions(batch)
+        finally:
+            self._writing = []
         if error is None:
             return True
         if isinstance(error, psycopg.OperationalError) or len(batch) == 1:
@@ -782,15 +796,23 @@ class Worker(JobExecution):
         scheduled. A batch that fails is written again one failure at a time,
         so one that cannot be written does not hold up the others; a failure
         whose write failed FAIL_TRIES times is given up, and its lease expires
-        (reap then counts the attempt), as before failures were batched.
+        (reap then counts the attempt), as before failures were batched. Not
+        when the connection was lost (or gave no answer): the batch is kept
+        whole, for the next try, and no write is counted against it.
         """
         batch = self._failed[:FAIL_FLUSH_MAX]
-        if await self._write_failures(batch):
+        error = await self._write_failures(batch)
+        if error is None:
             del self._failed[: len(batch)]
             return True
+        if isinstance(error, psycopg.OperationalError):
+            return False
         left = []
         for failure in batch:
-            if len(batch) > 1 and await self._write_failures([failure], quiet=True):
+            if (
+                len(batch) > 1
+                and await self._write_failures([failure], quiet=True) is None
+            ):
                 continue
             failure.tries += 1
             if failure.tries < FAIL_TRIES:
@@ -825,13 +847,16 @@ class Worker(JobExecution):
 
     async def _heartbeater(self) -> None:
         interval = self.lease_seconds / 3
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
+            wait = interval
             # Jobs completed in a batch not yet committed hold their row locks;
             # they are skipped (the reaper skips locked rows too).
             running = [a for a in self._running if not a.timed_out and not a.completing]
             held = [a.job for a in running]
             held += [a.job for a, _ in self._done]
+            held += [a.job for a, _ in self._writing]
             held += [f.attempt.job for f in self._failed]
             held += self._ready
             try:
@@ -846,6 +871,9 @@ class Worker(JobExecution):
                 )
             except Exception as exc:
                 self._log.warning("heartbeat_failed", error=repr(exc))
+                # Again soon, on another connection: after a deadline that
+                # ran out, a whole interval more could outlast the leases.
+                wait = min(interval, HEARTBEAT_RETRY)
                 continue
             self.counters.heartbeats += 1
             alive = {row[0] for row in rows}
@@ -1083,8 +1111,12 @@ class Worker(JobExecution):
         self, query: str, params: Sequence[Any] | Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
         assert self._pool is not None
-        async with self._pool.connection() as conn:
-            return await fetch_within(conn, self.db_timeout, query, params)
+        try:
+            async with self._pool.connection() as conn:
+                return await fetch_within(conn, self.db_timeout, query, params)
+        except NoAnswer:
+            await self._drain_pool()
+            raise
 
     async def _fetch_leasing(
         self, query: str, params: list[Any]
@@ -1124,5 +1156,18 @@ class Worker(JobExecution):
 
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None
-        async with self._pool.connection() as conn:
-            await fetch_within(conn, self.db_timeout, query, params, rows=False)
+        try:
+            async with self._pool.connection() as conn:
+                await fetch_within(conn, self.db_timeout, query, params, rows=False)
+        except NoAnswer:
+            await self._drain_pool()
+            raise
+
+    async def _drain_pool(self) -> None:
+        """A pooled connection went silent: the others, opened about the same
+        time over the same network, have likely gone too. Replace them all,
+        so that the next statement (a heartbeat tried again before the leases
+        run out) gets a new connection rather than the next silent one."""
+        assert self._pool is not None
+        with contextlib.suppress(Exception):
+            await self._pool.drain()

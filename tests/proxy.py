@@ -30,6 +30,7 @@ class SilentProxy:
         self._host = str(params.get("host", "127.0.0.1"))
         self._port = int(params.get("port", 5432))
         self._links: list[_Link] = []
+        self._marker: bytes | None = None
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -53,11 +54,20 @@ class SilentProxy:
         return len(self._links)
 
     def freeze(self) -> None:
-        def go() -> None:
+        async def go() -> None:
             for link in self._links:
                 link.frozen = True
 
-        self._loop.call_soon_threadsafe(go)
+        asyncio.run_coroutine_threadsafe(go(), self._loop).result(10)
+
+    def freeze_when(self, marker: bytes) -> None:
+        """Freeze the first connection to send ``marker`` to the server, as
+        it sends it (the statement is lost on the way)."""
+
+        async def go() -> None:
+            self._marker = marker
+
+        asyncio.run_coroutine_threadsafe(go(), self._loop).result(10)
 
     def close(self) -> None:
         async def stop() -> None:
@@ -90,15 +100,23 @@ class SilentProxy:
         link.writers = [client_w, server_w]
         self._links.append(link)
         await asyncio.gather(
-            self._pipe(link, client_r, server_w), self._pipe(link, server_r, client_w)
+            self._pipe(link, client_r, server_w, up=True),
+            self._pipe(link, server_r, client_w, up=False),
         )
 
-    @staticmethod
     async def _pipe(
-        link: _Link, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+        self,
+        link: _Link,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        *,
+        up: bool,
     ) -> Any:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await source.read(65536):
+                if up and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    link.frozen = True
                 if link.frozen:
                     continue  # lost on the way, as on a silent network
                 sink.write(data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +14,12 @@ import pytest
 
 import pgqueue
 from pgqueue.errors import ConfigurationError
-from pgqueue.liveness import LIVENESS_DEFAULTS, with_liveness_defaults
+from pgqueue.liveness import (
+    LIVENESS_DEFAULTS,
+    NoAnswer,
+    fetch_within,
+    with_liveness_defaults,
+)
 
 from ..proxy import SilentProxy
 from .worker_helpers import running_worker, wait_until
@@ -80,37 +87,106 @@ def test_worker_stops_promptly_while_its_lease_gets_no_answer(
         # without the deadline.
 
 
-def keepalive_options(conn: Conn) -> tuple[int, int, int]:
-    """TCP keepalive idle, interval and user timeout of the connection's socket."""
+def keepalive_options(conn: Conn) -> tuple[int, int, int, int]:
+    """SO_KEEPALIVE, and the TCP keepalive idle, interval and count of the
+    connection's socket."""
     sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     try:
         return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
         )
     finally:
         sock.close()
 
 
-@pytest.mark.skipif(
-    not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options"
-)
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux socket options")
 def test_worker_connections_get_keepalives_unless_the_dsn_sets_its_own(
     proxy: SilentProxy,
 ) -> None:
     # Through the proxy: TCP, whatever the test server's own DSN is.
     with psycopg.connect(with_liveness_defaults(proxy.dsn())) as conn:
         assert keepalive_options(conn) == (
+            1,
             int(LIVENESS_DEFAULTS["keepalives_idle"]),
             int(LIVENESS_DEFAULTS["keepalives_interval"]),
-            int(LIVENESS_DEFAULTS["tcp_user_timeout"]),
+            int(LIVENESS_DEFAULTS["keepalives_count"]),
         )
     own = psycopg.conninfo.make_conninfo(proxy.dsn(), keepalives_idle=120)
     with psycopg.connect(with_liveness_defaults(own)) as conn:
-        assert keepalive_options(conn)[0] == 120
+        assert keepalive_options(conn)[:3] == (1, 120, 5)
+
+
+def test_a_dsn_naming_a_service_is_left_as_it_is() -> None:
+    # The service file's settings are not known here: none is overridden.
+    assert with_liveness_defaults("service=shop") == "service=shop"
 
 
 def test_db_timeout_must_be_positive(dsn: str) -> None:
     with pytest.raises(ConfigurationError, match="db_timeout"):
         pgqueue.Worker(pgqueue.App(dsn), db_timeout=0)
+
+
+def test_heartbeat_renews_completions_whose_statement_got_no_answer(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    app = pgqueue.App(proxy.dsn())
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    def once(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    # Leases of 1.5 s, renewed every 0.5 s; the completion statement is lost
+    # on the way and waits 4 s for its deadline before it is sent again.
+    # Without the heartbeat renewing it meanwhile, the lease ran out, the
+    # worker's own reaper put the job back, and it ran a second time.
+    proxy.freeze_when(b"complete(")
+    with running_worker(app, lease_seconds=1.5, db_timeout=4.0) as worker:
+        job = once.enqueue(conn)
+        wait_until(lambda: succeeded(conn, job), timeout=30)
+        assert worker.counters.heartbeats >= 4  # renewed while it waited
+    assert ran == [job]
+    attempts = conn.execute(
+        "select attempts, errors from pgqueue.jobs_overview where id = %s", [job]
+    ).fetchone()
+    assert attempts == (0, [])  # no attempt lost
+
+
+def test_an_answer_that_arrived_while_the_loop_was_held_up_is_taken(dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+
+            async def hold_up() -> None:
+                await asyncio.sleep(0.05)  # the statement is on its way
+                # Holds the loop up past the deadline; the answer arrives meanwhile.
+                time.sleep(0.6)  # noqa: ASYNC251
+
+            holder = asyncio.ensure_future(hold_up())
+            rows = await fetch_within(conn, 0.3, "select 1 from pg_sleep(0.1)")
+            await holder
+            assert rows == [(1,)]
+            # Not taken for dead: the connection goes on serving.
+            assert not conn.closed and not conn.broken
+            cur = await conn.execute("select 2")
+            assert await cur.fetchall() == [(2,)]
+
+    asyncio.run(main())
+
+
+def test_a_statement_without_an_answer_fails_as_a_lost_connection(
+    proxy: SilentProxy,
+) -> None:
+    async def main() -> None:
+        conn = await psycopg.AsyncConnection.connect(proxy.dsn(), autocommit=True)
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(NoAnswer, match=r"within 0\.5 s"):
+            await fetch_within(conn, 0.5, "select 1")
+        assert time.monotonic() - started < 5
+        assert conn.broken
+        await conn.close()
+
+    asyncio.run(main())
