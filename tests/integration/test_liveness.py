@@ -190,3 +190,38 @@ def test_a_statement_without_an_answer_fails_as_a_lost_connection(
         await conn.close()
 
     asyncio.run(main())
+
+
+def test_leases_outlive_a_heartbeat_that_got_no_answer(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    app = pgqueue.App(proxy.dsn())
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    def long(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+        time.sleep(8)
+
+    # Leases of 6 s, renewed every 2 s; the default deadline is a third of the
+    # lease. The heartbeat after the freeze waits 2 s for nothing, and is
+    # tried again at once on a new connection: the lease never runs out. (A
+    # deadline as long as the lease, and the next try a whole interval
+    # later, let it run out: reaped, run again, the first result lost.)
+    with running_worker(app, lease_seconds=6) as worker:
+        job = long.enqueue(conn)
+        wait_until(lambda: ran)
+        proxy.freeze()
+        # Reaping as the other workers of a fleet would, on a connection of
+        # their own.
+        wait_until(
+            lambda: succeeded(conn, job),
+            timeout=30,
+            during=lambda: conn.execute("select pgqueue.reap()"),
+        )
+        assert worker.counters.heartbeats >= 2
+    assert ran == [job]
+    row = conn.execute(
+        "select attempts, errors from pgqueue.jobs_overview where id = %s", [job]
+    ).fetchone()
+    assert row == (0, [])
