@@ -127,7 +127,8 @@ class Worker(JobExecution):
         db_timeout: the longest the worker waits for the answer to one of its
             own statements (lease, completions, failures, heartbeat, reap,
             prune, hand back) before it takes the connection for dead, closes
-            it and goes on with a new one (pgqueue/liveness.py). Default: a
+            it and goes on with a new one (pgqueue/liveness.py); and for a
+            pooled connection to run one on. Default: a
             third of the lease, at most 30 s, so that a heartbeat that gets no
             answer is tried again on another connection before the leases it
             was renewing run out. Handlers' statements have no such limit;
@@ -1112,7 +1113,7 @@ class Worker(JobExecution):
     ) -> list[tuple[Any, ...]]:
         assert self._pool is not None
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
                 return await fetch_within(conn, self.db_timeout, query, params)
         except NoAnswer:
             await self._drain_pool()
@@ -1157,7 +1158,7 @@ class Worker(JobExecution):
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
                 await fetch_within(conn, self.db_timeout, query, params, rows=False)
         except NoAnswer:
             await self._drain_pool()
