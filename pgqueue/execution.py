@@ -126,6 +126,10 @@ class Attempt:
     completing: bool = False  # completed in a batch transaction not yet committed
     failing: bool = False  # its failure is being recorded (requeued or dead)
     refused: int = 0  # completion writes the database refused (worker.py)
+    # A write of its completion lost its connection (or got no answer): that
+    # write may have committed, so the next one finding no lease proves
+    # nothing about the lease (worker._write_completions).
+    unconfirmed: bool = False
 
     def in_flight(self) -> bool:
         """Neither ending (completing, failing, handler done) nor given up

@@ -764,6 +764,9 @@ class Worker(JobExecution):
             self._writing = []
         if error is None:
             return True
+        if isinstance(error, psycopg.OperationalError):
+            for attempt, _ in batch:
+                attempt.unconfirmed = True
         if isinstance(error, psycopg.OperationalError) or len(batch) == 1:
             left = batch
         else:
@@ -840,10 +843,17 @@ class Worker(JobExecution):
             return exc
         lost = set(rows[0][0]) if rows else set()
         for attempt, _ in batch:
-            if attempt.job.id in lost:
-                self._lease_was_lost(attempt)
-            else:
+            if attempt.job.id not in lost:
                 self._log_succeeded(attempt)
+            elif attempt.unconfirmed:
+                self._log.warning(
+                    "job_completion_unconfirmed",
+                    job_id=attempt.job.id,
+                    detail="an earlier write of this completion lost its"
+                    " connection and may have committed; else the lease was lost",
+                )
+            else:
+                self._lease_was_lost(attempt)
         return None
 
     async def _heartbeater(self) -> None:

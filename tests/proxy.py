@@ -31,6 +31,7 @@ class SilentProxy:
         self._port = int(params.get("port", 5432))
         self._links: list[_Link] = []
         self._marker: bytes | None = None
+        self._deliver = False
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -60,12 +61,14 @@ class SilentProxy:
 
         asyncio.run_coroutine_threadsafe(go(), self._loop).result(10)
 
-    def freeze_when(self, marker: bytes) -> None:
+    def freeze_when(self, marker: bytes, *, deliver: bool = False) -> None:
         """Freeze the first connection to send ``marker`` to the server, as
-        it sends it (the statement is lost on the way)."""
+        it sends it: the statement is lost on the way, or with ``deliver``,
+        reaches the server, whose answer is lost."""
 
         async def go() -> None:
             self._marker = marker
+            self._deliver = deliver
 
         asyncio.run_coroutine_threadsafe(go(), self._loop).result(10)
 
@@ -116,6 +119,11 @@ class SilentProxy:
             while data := await source.read(65536):
                 if up and self._marker is not None and self._marker in data:
                     self._marker = None
+                    if self._deliver:
+                        sink.write(data)
+                        await sink.drain()
+                        link.frozen = True
+                        continue
                     link.frozen = True
                 if link.frozen:
                     continue  # lost on the way, as on a silent network

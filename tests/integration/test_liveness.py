@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog.testing
 
 import pgqueue
 from pgqueue.errors import ConfigurationError
@@ -225,3 +226,30 @@ def test_leases_outlive_a_heartbeat_that_got_no_answer(
         "select attempts, errors from pgqueue.jobs_overview where id = %s", [job]
     ).fetchone()
     assert row == (0, [])
+
+
+def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    app = pgqueue.App(proxy.dsn())
+
+    @app.task(transactional=False)
+    def once(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    # The completion reaches the server and commits; its answer is lost. The
+    # write is sent again after the deadline and finds the job gone: that
+    # proves nothing about the lease.
+    proxy.freeze_when(b"complete(", deliver=True)
+    with (
+        structlog.testing.capture_logs() as logs,
+        running_worker(app, db_timeout=1.0) as worker,
+    ):
+        job = once.enqueue(conn)
+        wait_until(lambda: succeeded(conn, job))
+        wait_until(
+            lambda: any(e["event"] == "job_completion_unconfirmed" for e in logs),
+            timeout=10,
+        )
+        assert worker.counters.lease_lost == 0
+    assert not [e for e in logs if e["event"] == "job_lease_lost"]
