@@ -3,6 +3,10 @@
 While the connection is down the worker keeps serving by polling, so a lost
 notification delays a job by at most one poll interval. Through a pooler in
 transaction mode, where LISTEN does not work, run with ``listen=False``.
+
+A LISTEN connection that went silent (pgqueue/liveness.py) would wait for
+notifications forever: every CHECK_EVERY seconds the listener asks the server
+something, with a deadline, and reconnects when no answer comes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgqueue.liveness import fetch_within
 from pgqueue.log import get_logger
+
+CHECK_EVERY = 10.0  # seconds between two looks at a quiet LISTEN connection
 
 
 class Listener:
@@ -28,12 +35,14 @@ class Listener:
         on_wake: Callable[[], None],
         *,
         log: Any = None,
+        db_timeout: float = 10.0,
     ) -> None:
         self._dsn = dsn
         self._channel = channel
         self._queues = frozenset(queues)
         self._on_wake = on_wake
         self._log = log or get_logger()
+        self._db_timeout = db_timeout
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -54,9 +63,14 @@ class Listener:
                     self._log.debug("listener_connected")
                     # We may have missed notifications while down: look once.
                     self._on_wake()
-                    async for note in conn.notifies():
-                        if note.payload in self._queues:
-                            self._on_wake()
+                    while True:
+                        async for note in conn.notifies(timeout=CHECK_EVERY):
+                            if note.payload in self._queues:
+                                self._on_wake()
+                        # Still there? A connection gone silent never says.
+                        await fetch_within(
+                            conn, self._db_timeout, "select 1", rows=False
+                        )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -362,7 +362,12 @@ class Worker(JobExecution):
             from pgqueue.listener import Listener
 
             listener = Listener(
-                dsn, self.app.schema, self.queues, self._on_notify, log=self._log
+                dsn,
+                self.app.schema,
+                self.queues,
+                self._on_notify,
+                log=self._log,
+                db_timeout=self.db_timeout,
             )
             background.append(asyncio.create_task(listener.run()))
 

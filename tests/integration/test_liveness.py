@@ -253,3 +253,26 @@ def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
         )
         assert worker.counters.lease_lost == 0
     assert not [e for e in logs if e["event"] == "job_lease_lost"]
+
+
+def test_a_listen_connection_that_went_silent_is_replaced(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    app = pgqueue.App(proxy.dsn())
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    def note(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    # Polling every minute: only a NOTIFY wakes this worker in time. After
+    # the freeze its LISTEN connection hears nothing more; its next look
+    # (listener.CHECK_EVERY) gets no answer, it reconnects and wakes the
+    # worker, whose lease connection, silent too, is replaced in turn.
+    with running_worker(app, db_timeout=1.0, poll_interval=60):
+        first = note.enqueue(conn)
+        wait_until(lambda: succeeded(conn, first))
+        proxy.freeze()
+        second = note.enqueue(conn)
+        wait_until(lambda: succeeded(conn, second), timeout=30)
+    assert ran == [first, second]
