@@ -21,7 +21,10 @@ from psycopg import sql
 from pgqueue.liveness import fetch_within
 from pgqueue.log import get_logger
 
-CHECK_EVERY = 10.0  # seconds between two looks at a quiet LISTEN connection
+# Seconds between two looks at the LISTEN connection. Notifications that
+# arrive meanwhile wait in psycopg's backlog (3.2.4 and later) for the next
+# notifies() call.
+CHECK_EVERY = 10.0
 
 
 class Listener:
