@@ -42,9 +42,13 @@ _TEMPLATES: dict[str, LiteralString] = {
     ),
     # Bulk enqueue by COPY: reserve the ids, fix run_at by the database clock and
     # queue the NOTIFY (delivered at commit) in one round trip, then stream rows.
+    # run_at as ISO 8601 text in UTC: COPY reads it back whatever the session's
+    # DateStyle and time zone (a time late in 9999 UTC is in 10000 in Tokyo,
+    # which Python cannot hold).
     "reserve_ids": (
         "select array_agg(nextval('{schema}.jobs_id_seq'::regclass)),"
-        " coalesce(%(run_at)s::timestamptz, now() + %(delay)s::interval, now()),"
+        " to_char(coalesce(%(run_at)s::timestamptz, now() + %(delay)s::interval,"
+        " now()) at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
         " {schema}._notify(array[%(queue)s::text])"
         " from generate_series(1, %(n)s)"
     ),

@@ -12,10 +12,11 @@ import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from pgqueue import _sql, errors, serialization
 
@@ -92,6 +93,12 @@ def check_options(opts: Options) -> None:
             )
         if "\x00" in key:
             raise errors.InvalidJob("idempotency_key contains a NUL character")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidJob(
+                "idempotency_key holds a lone surrogate, which UTF-8 cannot encode"
+            ) from None
     if opts.delay is not None and opts.run_at is not None:
         raise errors.InvalidJob("give delay or run_at, not both")
     _run_at(opts)
@@ -106,6 +113,14 @@ def _run_at(opts: Options) -> datetime | timedelta | None:
                 "run_at is a naive datetime; give it a timezone "
                 "(e.g. datetime.now(timezone.utc))"
             )
+        try:
+            # The worker reads run_at in UTC: a time Python cannot hold there
+            # (9999-12-31 23:00 at -05:00) would fail every lease that met it.
+            opts.run_at.astimezone(timezone.utc)
+        except OverflowError:
+            raise errors.InvalidJob(
+                f"run_at {opts.run_at.isoformat()} is out of range in UTC"
+            ) from None
         return opts.run_at
     if opts.delay is None:
         return None
@@ -118,7 +133,7 @@ def _run_at(opts: Options) -> datetime | timedelta | None:
         if abs(delay) > MAX_DELAY.total_seconds():
             raise errors.InvalidJob(f"delay {delay} s is more than 100 years")
         delay = timedelta(seconds=delay)
-    if delay > MAX_DELAY:
+    if abs(delay) > MAX_DELAY:
         raise errors.InvalidJob("delay is more than 100 years")
     return delay
 
@@ -230,17 +245,43 @@ def _reserve_params(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _copy_rows(ids: list[int], params: dict[str, Any], run_at: datetime) -> bytes:
-    """COPY text rows. JSON text has no raw tab or newline (json.dumps escapes
-    control characters), so doubling backslashes is the only escaping needed;
-    queue and task names were checked to hold no special characters."""
+def _copy_rows(
+    ids: list[int], params: dict[str, Any], run_at: str, encoding: str
+) -> bytes:
+    """COPY text rows, in the connection's encoding (what COPY reads).
+    ``run_at``: ISO 8601 text in UTC, which COPY reads whatever the session's
+    DateStyle and time zone. JSON text has no raw tab or newline (json.dumps
+    escapes control characters), so doubling backslashes is the only escaping
+    needed; queue and task names were checked to hold no special characters."""
     fixed = "\t".join([params["queue"], params["task"]])
-    tail = f"\t{params['priority']}\t{run_at.isoformat()}\t{params['max_attempts']}\n"
+    tail = f"\t{params['priority']}\t{run_at}\t{params['max_attempts']}\n"
     lines = [
         f"{job_id}\t{fixed}\t{payload.replace(chr(92), chr(92) * 2)}{tail}"
         for job_id, payload in zip(ids, params["args"], strict=True)
     ]
-    return "".join(lines).encode("utf-8")
+    return "".join(lines).encode(encoding)
+
+
+def _check_encodable(params: dict[str, Any], encoding: str) -> None:
+    """Raise InvalidJob before anything is sent if a payload holds text the
+    connection's encoding cannot carry (COPY would fail mid-stream, and abort
+    the caller's transaction). UTF-8 carries all that serialization lets by."""
+    if encoding.replace("-", "").replace("_", "").lower() == "utf8":
+        return
+    for index, payload in enumerate(params["args"]):
+        try:
+            payload.encode(encoding)
+        except UnicodeEncodeError as exc:
+            raise _unencodable(exc, encoding, f"args[{index}]") from None
+
+
+def _unencodable(
+    exc: UnicodeEncodeError, encoding: str, what: str
+) -> errors.InvalidJob:
+    return errors.InvalidJob(
+        f"{what} holds {exc.object[exc.start : exc.end]!r}, which the"
+        f" connection's encoding ({encoding}) cannot carry"
+    )
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> list[int]:
@@ -257,9 +298,12 @@ def enqueue(
     """Enqueue one job on ``conn`` (the caller's transaction); return its id."""
     query, params = _params(app, task, args, opts)
     try:
-        row = conn.execute(query, params).fetchone()
+        # Tuples, whatever row factory the caller's connection has.
+        row = conn.cursor(row_factory=tuple_row).execute(query, params).fetchone()
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
+    except UnicodeEncodeError as exc:  # nothing was sent
+        raise _unencodable(exc, conn.info.encoding, "the job") from None
     assert row is not None
     return int(row[0])
 
@@ -274,10 +318,12 @@ async def enqueue_async(
     """Enqueue one job on an async ``conn``; return its id."""
     query, params = _params(app, task, args, opts)
     try:
-        cur = await conn.execute(query, params)
+        cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
         row = await cur.fetchone()
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
+    except UnicodeEncodeError as exc:  # nothing was sent
+        raise _unencodable(exc, conn.info.encoding, "the job") from None
     assert row is not None
     return int(row[0])
 
@@ -294,20 +340,26 @@ def enqueue_many(
     if not params["n"]:
         return []
     stmts = _sql.statements(app.schema)
+    encoding = conn.info.encoding
     try:
+        cur = conn.cursor(row_factory=tuple_row)
         if params["n"] < COPY_THRESHOLD:
-            return _ids(conn.execute(query, params).fetchall())
+            return _ids(cur.execute(query, params).fetchall())
+        _check_encodable(params, encoding)
         # Two statements: on an autocommit connection, one transaction all the
         # same, so that the jobs and their NOTIFY commit together.
         with conn.transaction() if conn.autocommit else contextlib.nullcontext():
-            row = conn.execute(stmts.reserve_ids, _reserve_params(params)).fetchone()
+            row = cur.execute(stmts.reserve_ids, _reserve_params(params)).fetchone()
             assert row is not None
             ids, run_at, _ = row
-            with conn.cursor().copy(stmts.copy_jobs) as copy:
-                copy.write(_copy_rows(ids, params, run_at))
+            data = _copy_rows(ids, params, run_at, encoding)
+            with cur.copy(stmts.copy_jobs) as copy:
+                copy.write(data)
         return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
+    except UnicodeEncodeError as exc:  # nothing was sent
+        raise _unencodable(exc, encoding, "a job") from None
 
 
 async def enqueue_many_async(
@@ -322,17 +374,23 @@ async def enqueue_many_async(
     if not params["n"]:
         return []
     stmts = _sql.statements(app.schema)
+    encoding = conn.info.encoding
     try:
+        cur = conn.cursor(row_factory=tuple_row)
         if params["n"] < COPY_THRESHOLD:
-            cur = await conn.execute(query, params)
+            await cur.execute(query, params)
             return _ids(await cur.fetchall())
+        _check_encodable(params, encoding)
         async with conn.transaction() if conn.autocommit else contextlib.nullcontext():
-            cur = await conn.execute(stmts.reserve_ids, _reserve_params(params))
+            await cur.execute(stmts.reserve_ids, _reserve_params(params))
             row = await cur.fetchone()
             assert row is not None
             ids, run_at, _ = row
-            async with conn.cursor().copy(stmts.copy_jobs) as copy:
-                await copy.write(_copy_rows(ids, params, run_at))
+            data = _copy_rows(ids, params, run_at, encoding)
+            async with cur.copy(stmts.copy_jobs) as copy:
+                await copy.write(data)
         return list(ids)
     except psycopg.Error as exc:
         raise errors.from_database(exc) from None
+    except UnicodeEncodeError as exc:  # nothing was sent
+        raise _unencodable(exc, encoding, "a job") from None

@@ -287,3 +287,97 @@ def test_a_bulk_enqueue_by_copy_on_an_autocommit_connection_commits_once(
     assert notes == ["default"]
     assert len(done) == 1 and len(done[0]) == 600
     assert conn.execute("select count(*) from pgqueue.jobs").fetchone() == (600,)
+
+
+def test_every_enqueue_path_works_whatever_the_callers_row_factory(
+    app: pgqueue.App, dsn: str
+) -> None:
+    from psycopg.rows import dict_row
+
+    send = app.tasks["send"]
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        one = send.enqueue(conn, to="a")
+        few = send.enqueue_many(conn, [{"to": "b"}] * 3)
+        many = send.enqueue_many(conn, [{"to": "c"}] * 600)  # COPY
+        conn.commit()
+        assert isinstance(one, int) and len(few) == 3 and len(many) == 600
+        row = conn.execute("select count(*) as n from pgqueue.jobs").fetchone()
+        assert row == {"n": 604}
+
+    async def enqueue_async() -> tuple[int, list[int]]:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, row_factory=dict_row
+        ) as aconn:
+            job = await send.enqueue_async(aconn, to="d")
+            jobs = await send.enqueue_many_async(aconn, [{"to": "e"}] * 600)
+            await aconn.commit()
+            return job, jobs
+
+    job, jobs = asyncio.run(enqueue_async())
+    assert isinstance(job, int) and len(jobs) == 600
+
+
+def test_bulk_enqueue_by_copy_speaks_the_connections_encoding(
+    app: pgqueue.App, dsn: str, conn: Conn
+) -> None:
+    send = app.tasks["send"]
+    with psycopg.connect(dsn, client_encoding="LATIN1") as latin:
+        ids = send.enqueue_many(latin, [{"to": "café"}] * 600)  # COPY
+        one = send.enqueue(latin, to="café")
+        latin.commit()
+        # Text LATIN1 cannot carry: refused before anything is sent, on every
+        # path, and the transaction goes on.
+        for enqueue in (
+            lambda: send.enqueue(latin, to="漢"),
+            lambda: send.enqueue_many(latin, [{"to": "漢"}] * 3),
+            lambda: send.enqueue_many(latin, [{"to": "x"}] * 599 + [{"to": "漢"}]),
+        ):
+            with pytest.raises(InvalidJob, match=r"(?i)latin|iso8859"):
+                enqueue()
+        assert latin.execute("select 1").fetchone() == (1,)
+        latin.rollback()
+    stored = conn.execute(
+        "select distinct args->>'to' from pgqueue.jobs where id = any(%s)",
+        [[*ids, one]],
+    ).fetchall()
+    assert stored == [("café",)]
+
+
+def test_a_bulk_enqueue_at_the_end_of_time_works_in_any_session_time_zone(
+    app: pgqueue.App, dsn: str, conn: Conn
+) -> None:
+    send = app.tasks["send"]
+    late = datetime(9999, 12, 31, 22, tzinfo=timezone.utc)
+    with psycopg.connect(dsn, autocommit=True) as tokyo:
+        tokyo.execute("set timezone to 'Asia/Tokyo'")  # 10000-01-01 there
+        tokyo.execute("set datestyle to 'SQL, DMY'")
+        ids = send.options(run_at=late).enqueue_many(tokyo, [{"to": "x"}] * 600)
+    rows = conn.execute(
+        "select distinct run_at from pgqueue.jobs where id = any(%s)", [ids]
+    ).fetchall()
+    assert rows == [(late,)]
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        {"delay": timedelta(days=-366 * 101)},
+        {"delay": -(10.0**10)},
+        {"run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))},
+    ],
+    ids=["timedelta-in-the-past", "seconds-in-the-past", "past-9999-in-utc"],
+)
+def test_times_a_worker_could_not_read_are_refused(
+    app: pgqueue.App, conn: Conn, when: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidJob, match=r"100 years|out of range"):
+        app.tasks["send"].options(**when).enqueue(conn, to="x")
+    assert count(conn) == 0
+
+
+def test_an_idempotency_key_with_a_lone_surrogate_is_refused(
+    app: pgqueue.App, conn: Conn
+) -> None:
+    with pytest.raises(InvalidJob, match="surrogate"):
+        app.tasks["send"].options(idempotency_key="k\ud800").enqueue(conn, to="x")
+    assert count(conn) == 0
