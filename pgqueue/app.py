@@ -134,6 +134,11 @@ class App:
             return register(func)
         return register
 
+    def task_queues(self) -> list[str]:
+        """The queues this app's tasks declare, sorted (``["default"]`` if it
+        has no task): what a worker serves when told no queue."""
+        return sorted({t.defaults.queue for t in self.tasks.values()}) or ["default"]
+
     def get_task(self, name: str) -> Task:
         """The task registered under ``name``, or raise :class:`TaskNotFound`."""
         try:
@@ -177,21 +182,44 @@ class App:
         conn: psycopg.AsyncConnection[Any],
         task: str,
         args: Mapping[str, Any] | None = None,
-        **options: Any,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int = 25,
     ) -> int:
         """Like :meth:`enqueue`, on an async connection."""
-        return await producer.enqueue_async(
-            conn, self, task, args, producer.Options(**options)
+        opts = producer.Options(
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
         )
+        return await producer.enqueue_async(conn, self, task, args, opts)
 
     def enqueue_many(
         self,
         conn: psycopg.Connection[Any],
         task: str,
         args: Iterable[Mapping[str, Any]],
-        **options: Any,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int = 25,
     ) -> list[int]:
-        """Enqueue one job of ``task`` per mapping in ``args``, in one round trip."""
-        return producer.enqueue_many(
-            conn, self, task, args, producer.Options(**options)
+        """Enqueue one job of ``task`` per mapping in ``args``: one statement,
+        or from 500 jobs on, two (ids reserved, then the rows by COPY)."""
+        opts = producer.Options(
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
         )
+        return producer.enqueue_many(conn, self, task, args, opts)

@@ -205,7 +205,7 @@ def worker(
     try:
         Worker(
             app,
-            queues=queue or _task_queues(app),
+            queues=queue or app.task_queues(),
             concurrency=concurrency,
             prefetch=prefetch,
             tx_batch=tx_batch,
@@ -233,11 +233,6 @@ def worker(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def _task_queues(app: App) -> list[str]:
-    """Without --queue, serve every queue the app's tasks declare."""
-    return sorted({t.defaults.queue for t in app.tasks.values()}) or ["default"]
 
 
 def _parse_json(text: str) -> Any:

@@ -123,7 +123,7 @@ class Task:
             self, defaults=dataclasses.replace(self.defaults, **changes)
         )
 
-    def enqueue(self, conn: psycopg.Connection[Any], **args: Any) -> int:
+    def enqueue(self, conn: psycopg.Connection[Any], /, **args: Any) -> int:
         """Enqueue one job with these keyword arguments; return its id.
 
         Runs on ``conn`` in its current transaction and never commits: the job
@@ -136,7 +136,7 @@ class Task:
         return producer.enqueue(conn, self.app, self.name, args, self.defaults)
 
     async def enqueue_async(
-        self, conn: psycopg.AsyncConnection[Any], **args: Any
+        self, conn: psycopg.AsyncConnection[Any], /, **args: Any
     ) -> int:
         """Like :meth:`enqueue`, on an async connection."""
         return await producer.enqueue_async(

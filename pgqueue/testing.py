@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from pgqueue.app import App
@@ -28,17 +29,18 @@ __all__ = ["assert_enqueued", "drain"]
 def drain(
     app: App,
     *,
-    queues: list[str] | tuple[str, ...] = ("default",),
+    queues: list[str] | tuple[str, ...] | None = None,
     concurrency: int = 1,
 ) -> Worker:
-    """Run every due job of ``queues`` with a real worker, then return it.
+    """Run every due job of ``queues`` (default: every queue the app's tasks
+    declare, as ``pgqueue worker`` does) with a real worker, then return it.
 
     Jobs scheduled later, or retried with a backoff, are left queued. The
     returned worker's ``counters`` say how many succeeded and failed.
     """
     worker = Worker(
         app,
-        queues=queues,
+        queues=app.task_queues() if queues is None else queues,
         concurrency=concurrency,
         until_empty=True,
         listen=False,
@@ -49,18 +51,25 @@ def drain(
 
 
 def assert_enqueued(
-    conn: psycopg.Connection[Any], task: str, *, schema: str = "pgqueue", **args: Any
+    conn: psycopg.Connection[Any],
+    task: str,
+    /,
+    *,
+    schema: str = "pgqueue",
+    **args: Any,
 ) -> int:
     """Assert that a queued job of ``task`` has exactly these arguments.
 
     Runs on ``conn``, so it sees jobs enqueued in its open transaction.
-    Returns the job's id.
+    Returns the job's id. (A task argument named ``schema`` cannot be given
+    here: it names the schema.)
     """
     query = sql.SQL(
         "select id from {}.jobs where task = %s and args = %s and state = 'queued'"
         " order by id limit 1"
     ).format(sql.Identifier(check_schema_name(schema)))
-    row = conn.execute(query, [task, Jsonb(args)]).fetchone()
+    cur = conn.cursor(row_factory=tuple_row)  # whatever the connection's factory
+    row = cur.execute(query, [task, Jsonb(args)]).fetchone()
     if row is None:
         raise AssertionError(f"no queued job {task}({args}) in schema {schema!r}")
     return int(row[0])

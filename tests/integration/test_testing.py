@@ -32,3 +32,23 @@ def test_assert_enqueued_and_drain(dsn: str) -> None:
             "select state::text from pgqueue.jobs_overview where id = %s", [job_id]
         ).fetchone()
     assert row == ("succeeded",)
+
+
+def test_drain_runs_the_jobs_of_every_queue_the_apps_tasks_declare(dsn: str) -> None:
+    from psycopg.rows import dict_row
+
+    app = pgqueue.App(dsn)
+    seen: list[str] = []
+
+    @app.task(queue="emails")
+    def send(ctx: pgqueue.JobContext, conn: str, task: str) -> None:
+        seen.append(f"{conn} {task}")
+
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        send.enqueue(conn, conn="a", task="b")
+        # Arguments named like assert_enqueued's first two parameters, and a
+        # caller's connection that makes dicts of rows.
+        testing.assert_enqueued(conn, "send", conn="a", task="b")
+        conn.commit()
+    worker = testing.drain(app)
+    assert seen == ["a b"] and worker.counters.succeeded == 1
