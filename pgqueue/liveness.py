@@ -16,14 +16,17 @@ Two guards, both on by default:
   also end a healthy connection whose server stops reading for that long (a
   handler's COPY into a locked table).
 * Each statement the worker sends on its own behalf (lease, completions,
-  failures, heartbeat, reap, prune, hand back) has a deadline. Past it the
-  worker shuts the socket down, the statement fails as on a lost connection
-  (:class:`NoAnswer`), and the usual paths take over: the connection is
-  dropped and a new one opened, the write is tried again, the lease loop
-  backs off. Shutting the socket down ends the wait at once; cancelling
-  the statement instead would first ask the server to cancel it, over a
-  network that may be as silent, and then wait for the statement's answer
-  (psycopg 3.3 gives up on that after 10 s).
+  failures, heartbeat, reap, prune, hand back) has a deadline. Halfway to
+  it the worker asks the server to cancel the statement (a request on a
+  connection of its own); at the deadline, if the statement has not ended,
+  it shuts the socket down. Either way the statement fails as on a lost
+  connection (:class:`NoAnswer`), the connection is closed, and the usual
+  paths take over: a new connection, the write tried again, the lease loop
+  backing off. The cancel comes first
+  because a statement that is only held up (a lease waiting behind a
+  migration's lock) would otherwise still run once the lock is free, and
+  lease jobs nobody hears of: they would wait out their lease and be reaped,
+  an attempt counted.
 """
 
 from __future__ import annotations
@@ -107,40 +110,61 @@ async def fetch_within(
     rows: bool = True,
 ) -> list[tuple[Any, ...]]:
     """Run ``query`` and return its rows (none if ``rows`` is False), or
-    raise :class:`NoAnswer` if the database has not answered in ``seconds``.
+    raise :class:`NoAnswer` if the database has not answered in ``seconds``:
+    half of them in, the statement is cancelled; at their end, if it has not
+    ended, the socket is shut down.
 
     The deadline is not kept to the letter when an answer is arriving as it
     passes (the socket has bytes to read: after an event loop that was held
     up, say); it is then looked at again a moment later.
     """
     loop = asyncio.get_running_loop()
-    expired = False
     timer: list[asyncio.TimerHandle] = []  # the one armed now
+    ending: list[asyncio.Task[None]] = []  # cancel, then shut down
+    half = seconds / 2
 
     def expire() -> None:
-        nonlocal expired
         if _readable(conn):
-            timer[0] = loop.call_later(min(seconds, RECHECK), expire)
+            timer[0] = loop.call_later(min(half, RECHECK), expire)
             return
-        expired = True
-        shut_down(conn)
+        ending.append(loop.create_task(_cancel_then_shut(conn, half)))
 
-    timer.append(loop.call_later(seconds, expire))
+    timer.append(loop.call_later(half, expire))
     try:
         cur = await conn.execute(query, params, binary=binary)
-        result = await cur.fetchall() if rows else []
-        if expired:
-            # The whole answer had been read by the time the timer ran, and
-            # the socket is shut down under a connection that looks healthy:
-            # close it, so that nobody uses it again.
-            await conn.close()
-        return result
+        return await cur.fetchall() if rows else []
     except psycopg.OperationalError as exc:
-        if expired:
+        if ending:
             raise NoAnswer(
                 f"no answer from the database within {seconds:g} s;"
-                " the connection was closed"
+                " the statement was cancelled and the connection closed"
             ) from exc
         raise
     finally:
         timer[0].cancel()
+        if ending:
+            # Whatever the outcome (the cancelled statement's error, an answer
+            # as the deadline ran out, the caller cancelled), a cancel request
+            # may still be on its way and hit the next statement: this
+            # connection is done.
+            await _close(conn, ending)
+
+
+async def _cancel_then_shut(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    """Ask the server to cancel the statement, and shut the socket down if it
+    has not ended ``seconds`` later."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.cancel_safe(timeout=seconds), seconds)
+    await asyncio.sleep(max(0.0, until - loop.time()))
+    shut_down(conn)
+
+
+async def _close(
+    conn: psycopg.AsyncConnection[Any], ending: list[asyncio.Task[None]]
+) -> None:
+    ending[0].cancel()
+    await asyncio.wait(ending)
+    with contextlib.suppress(Exception):
+        await conn.close()

@@ -276,3 +276,32 @@ def test_a_listen_connection_that_went_silent_is_replaced(
         second = note.enqueue(conn)
         wait_until(lambda: succeeded(conn, second), timeout=30)
     assert ran == [first, second]
+
+
+def test_a_lease_held_up_behind_a_lock_is_cancelled_not_left_to_lease_later(
+    dsn: str, conn: Conn
+) -> None:
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    def once(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    job = once.enqueue(conn)
+    # A migration, say, holds the jobs table for 3 s: each lease waits behind
+    # it past the worker's deadline. Cancelled, it leases nothing; abandoned
+    # (the socket shut only), it would run once the lock was free, lease the
+    # job for nobody, and the job would wait out its lease (30 s) and be
+    # reaped with an attempt counted.
+    with psycopg.connect(dsn) as migration:
+        migration.execute("lock table pgqueue.jobs in access exclusive mode")
+        with running_worker(app, db_timeout=1.0):
+            time.sleep(3)
+            migration.rollback()
+            wait_until(lambda: succeeded(conn, job), timeout=15)
+    assert ran == [job]
+    row = conn.execute(
+        "select attempts, errors from pgqueue.jobs_overview where id = %s", [job]
+    ).fetchone()
+    assert row == (0, [])
