@@ -28,9 +28,16 @@ cli = typer.Typer(
 )
 
 
+JOB_ID_MAX = 2**63 - 1  # a bigint
+
+
 class _Settings:
     dsn: str = ""
     schema: str = "pgqueue"
+    # Given on the command line (not from the environment): only these
+    # override what the worker's App says.
+    dsn_given: bool = False
+    schema_given: bool = False
 
 
 _settings = _Settings()
@@ -55,11 +62,15 @@ def _options(
             "$DATABASE_URL, then libpq's PG* environment."
         ),
     ] = None,
-    schema: Annotated[str, typer.Option(help="Schema holding pgqueue.")] = "pgqueue",
+    schema: Annotated[
+        str | None, typer.Option(help="Schema holding pgqueue. Default: pgqueue.")
+    ] = None,
 ) -> None:
     _settings.dsn = resolve_dsn(dsn)
+    _settings.dsn_given = dsn is not None
+    _settings.schema_given = schema is not None
     try:
-        _settings.schema = migrations.check_schema_name(schema)
+        _settings.schema = migrations.check_schema_name(schema or "pgqueue")
     except ConfigurationError as exc:
         _fail(str(exc))
 
@@ -198,9 +209,11 @@ def worker(
     except ValueError as exc:
         _fail(str(exc))
     app = _load_app(app_path)
-    if _settings.dsn:
+    # The App's own DSN and schema stand unless the command line names others
+    # (PGQUEUE_DSN and DATABASE_URL are for an App that names no DSN).
+    if _settings.dsn_given:
         app.dsn = _settings.dsn
-    if _settings.schema != "pgqueue":
+    if _settings.schema_given:
         app.schema = _settings.schema
     try:
         Worker(
@@ -240,6 +253,8 @@ def _parse_json(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         _fail(f"--args is not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit int, deep nesting
+        _fail(f"--args cannot be read: {type(exc).__name__}: {exc}")
 
 
 @cli.command()
@@ -335,7 +350,10 @@ def stats(
 
 @cli.command()
 def jobs(
-    job_id: Annotated[int | None, typer.Argument(help="Show this job in full.")] = None,
+    job_id: Annotated[
+        int | None,
+        typer.Argument(help="Show this job in full.", min=1, max=JOB_ID_MAX),
+    ] = None,
     queue: Annotated[str | None, typer.Option()] = None,
     state: Annotated[
         str | None, typer.Option(help="queued, running, succeeded, dead, cancelled.")
@@ -395,7 +413,8 @@ def jobs(
 @cli.command()
 def retry(
     job_id: Annotated[
-        int | None, typer.Argument(help="A dead or cancelled job.")
+        int | None,
+        typer.Argument(help="A dead or cancelled job.", min=1, max=JOB_ID_MAX),
     ] = None,
     all_dead: Annotated[
         str | None,
@@ -416,7 +435,9 @@ def retry(
 
 
 @cli.command()
-def cancel(job_id: Annotated[int, typer.Argument()]) -> None:
+def cancel(
+    job_id: Annotated[int, typer.Argument(min=1, max=JOB_ID_MAX)],
+) -> None:
     """Cancel a queued job."""
     with _connect() as conn:
         _fetch(conn, _sql.statements(_settings.schema).cancel, [job_id])

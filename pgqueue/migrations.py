@@ -36,7 +36,7 @@ class Migration:
 
 def check_schema_name(schema: str) -> str:
     """Return ``schema`` if it is a plain lower-case identifier, else raise."""
-    if not SCHEMA_NAME.match(schema):
+    if not SCHEMA_NAME.fullmatch(schema):  # match() took "pgqueue\n"
         raise ConfigurationError(
             f"invalid schema name {schema!r}: use lower-case letters, digits and _"
         )

@@ -78,6 +78,17 @@ def dumps(value: Any, *, what: str = "args", max_bytes: int | None = None) -> st
 
     ``max_bytes`` bounds the UTF-8 size of the result (None: no limit).
     """
+    try:
+        return _dumps(value, what, max_bytes)
+    except RecursionError:
+        # The checks recurse: a few hundred levels of nesting, or a list that
+        # holds itself, end here rather than as a bare RecursionError.
+        raise ArgumentsNotSerializable(
+            f"{what} is nested too deeply for Python to walk (or holds itself)"
+        ) from None
+
+
+def _dumps(value: Any, what: str, max_bytes: int | None) -> str:
     if not _is_plain(value):
         # Subclasses of str/int/dict (enums, OrderedDict...) fail the fast check
         # but may be fine: the slow walk decides, and names the path if not.

@@ -63,6 +63,8 @@ from pgqueue.wakeup import Wakeup
 
 # Seconds before a failed heartbeat is tried again.
 HEARTBEAT_RETRY = 0.5
+# The longest lease, interval, grace or timeout a worker takes: a year.
+MAX_SECONDS = 366 * 24 * 3600.0
 
 # A batch that falls back to savepoints gives each job that wrote a
 # subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
@@ -160,7 +162,23 @@ class Worker(JobExecution):
             raise ConfigurationError(
                 f"concurrency must be >= 1, prefetch >= 0, tx_batch 1..{MAX_TX_BATCH}"
             )
-        if lease_seconds <= 0 or poll_interval <= 0 or shutdown_grace < 0:
+        seconds = {
+            "lease_seconds": lease_seconds,
+            "poll_interval": poll_interval,
+            "shutdown_grace": shutdown_grace,
+            "prune_interval": prune_interval,
+            "reap_interval": reap_interval,
+            "db_timeout": db_timeout,
+        }
+        for name, value in seconds.items():
+            # NaN passes every comparison, and the database refuses a lease of
+            # 1e300 s at every lease (interval out of range).
+            if value is not None and not 0 <= value <= MAX_SECONDS:
+                raise ConfigurationError(
+                    f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g},"
+                    f" got {value}"
+                )
+        if lease_seconds <= 0 or poll_interval <= 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
         if db_timeout is not None and not db_timeout > 0:
             raise ConfigurationError(f"db_timeout must be positive, got {db_timeout}")

@@ -356,6 +356,11 @@ def test_a_queue_can_discard_succeeded_jobs(
             ["enqueue", "t", "--delay", "5", "--run-at", "2030-01-01T00:00:00+00:00"],
             "not both",
         ),
+        (["enqueue", "t", "--args", '{"a": ' + "9" * 5000 + "}"], "cannot be read"),
+        (["enqueue", "t", "--args", "[" * 100_000], "cannot be read"),
+        (["worker", QUICKSTART, "--lease", "inf"], "lease_seconds must be"),
+        (["worker", QUICKSTART, "--grace", "nan"], "shutdown_grace must be"),
+        (["--schema", "pgqueue\n", "stats"], "invalid schema name"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(
@@ -509,3 +514,20 @@ def test_bench_measures_concurrent_producers_and_cleans_up(
     assert conn.execute(
         "select count(*) from pg_namespace where nspname = 'pgqueue_bench'"
     ).fetchone() == (0,)
+
+
+def test_a_worker_keeps_its_apps_own_dsn_over_the_environments(
+    dsn: str, conn: Conn, tmp_path: Path
+) -> None:
+    job = conn.execute("select pgqueue.enqueue('noop')").fetchone()
+    (tmp_path / "ownapp.py").write_text(
+        "import pgqueue\n"
+        f"app = pgqueue.App({dsn!r})\n"
+        "@app.task(transactional=False)\n"
+        "def noop(ctx):\n"
+        "    pass\n"
+    )
+    # PGQUEUE_DSN names a server nobody listens on; the App names its own.
+    result = cli(UNREACHABLE, "worker", "ownapp:app", "--until-empty", cwd=tmp_path)
+    assert result.returncode == 0
+    assert job is not None and job_row(conn, job[0])["state"] == "succeeded"

@@ -51,3 +51,14 @@ def test_size_limit_counts_utf8_bytes() -> None:
     serialization.dumps({"s": "a" * 90}, max_bytes=100)
     with pytest.raises(ArgumentsNotSerializable, match="over the limit"):
         serialization.dumps({"s": "€" * 40}, max_bytes=100)
+
+
+def test_nesting_too_deep_or_circular_is_a_clear_error() -> None:
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    circular: list[Any] = []
+    circular.append(circular)
+    for value in (deep, circular, {"a": circular}):
+        with pytest.raises(ArgumentsNotSerializable, match="nested too deeply"):
+            serialization.dumps({"v": value})
