@@ -38,6 +38,7 @@ from pgqueue.errors import (
 )
 from pgqueue.handler_conn import HandlerConnection, lent
 from pgqueue.jobs import Job, UnreadableArgs
+from pgqueue.liveness import SESSION_SETUP
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
 from pgqueue.txbatch import BatchItem, TxBatcher, check_left_open
@@ -660,6 +661,11 @@ class JobExecution:
         conn = HandlerConnection.connect(
             self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
+        try:
+            conn.execute(SESSION_SETUP)
+        except BaseException:
+            conn.close()
+            raise
         with self._thread_conns_lock:
             self._thread_conns.append(conn)
         return conn

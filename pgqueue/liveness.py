@@ -59,6 +59,14 @@ class NoAnswer(psycopg.OperationalError):
     path)."""
 
 
+# Sent on every connection a worker opens. A completion deletes the row that
+# the heartbeat updates: at REPEATABLE READ or SERIALIZABLE (a database's or a
+# role's default), a handler's transaction that outlived one heartbeat could
+# never complete (could not serialize access due to concurrent update), and
+# leases failed now and then. The fencing is written for READ COMMITTED.
+SESSION_SETUP = "set default_transaction_isolation to 'read committed'"
+
+
 def with_liveness_defaults(dsn: str) -> str:
     """``dsn`` with :data:`LIVENESS_DEFAULTS` added where it names none.
 

@@ -55,7 +55,12 @@ from pgqueue.execution import (
 )
 from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
-from pgqueue.liveness import NoAnswer, fetch_within, with_liveness_defaults
+from pgqueue.liveness import (
+    SESSION_SETUP,
+    NoAnswer,
+    fetch_within,
+    with_liveness_defaults,
+)
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 from pgqueue.txbatch_async import AsyncTxBatcher
@@ -308,6 +313,7 @@ class Worker(JobExecution):
             max_size=4 + (self.concurrency if handler_conns else 0),
             kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
             connection_class=AsyncHandlerConnection,
+            configure=self._set_up_session,
             open=False,
         )
         # Whatever startup opened is closed again if a later step fails (the
@@ -1173,7 +1179,10 @@ class Worker(JobExecution):
                 # timestamptz to the session's time zone, through zoneinfo for
                 # any zone but 'UTC' (even 'Etc/UTC'), which cost 1 us a value.
                 await fetch_within(
-                    conn, self.db_timeout, "set timezone to 'UTC'", rows=False
+                    conn,
+                    self.db_timeout,
+                    f"set timezone to 'UTC'; {SESSION_SETUP}",
+                    rows=False,
                 )
             except BaseException:
                 await conn.close()
@@ -1184,9 +1193,18 @@ class Worker(JobExecution):
         return await fetch_within(conn, self.db_timeout, query, params, binary=True)
 
     async def _new_async_connection(self) -> psycopg.AsyncConnection[Any]:
-        return await AsyncHandlerConnection.connect(
+        conn = await AsyncHandlerConnection.connect(
             self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
+        try:
+            await self._set_up_session(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _set_up_session(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await fetch_within(conn, self.db_timeout, SESSION_SETUP, rows=False)
 
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None

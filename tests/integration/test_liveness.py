@@ -305,3 +305,37 @@ def test_a_lease_held_up_behind_a_lock_is_cancelled_not_left_to_lease_later(
         "select attempts, errors from pgqueue.jobs_overview where id = %s", [job]
     ).fetchone()
     assert row == (0, [])
+
+
+@pytest.mark.parametrize("tx_batch", [1, 4], ids=["one-per-transaction", "tx-batch"])
+def test_transactional_jobs_complete_where_the_default_isolation_is_stricter(
+    dsn: str, conn: Conn, tx_batch: int
+) -> None:
+    dbname = conn.info.dbname
+    conn.execute(
+        f"alter database {dbname} set default_transaction_isolation = 'repeatable read'"
+    )
+    conn.execute("create table business (job_id bigint)")
+    app = pgqueue.App(dsn)
+
+    @app.task
+    def slow(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("insert into business values (%s)", [ctx.job.id])
+        time.sleep(1.2)  # past a heartbeat, which updates the job's row
+
+    @app.task
+    async def slow_async(ctx: pgqueue.JobContext) -> None:
+        await ctx.conn.execute("insert into business values (%s)", [ctx.job.id])
+        await asyncio.sleep(1.2)
+
+    jobs = [slow.enqueue(conn), slow_async.enqueue(conn)]
+    # Leases of 1.5 s: a heartbeat every 0.5 s. At REPEATABLE READ, the
+    # completion's DELETE met the heartbeat's newer row version: could not
+    # serialize access, and the job failed every attempt.
+    with running_worker(app, lease_seconds=1.5, tx_batch=tx_batch):
+        wait_until(lambda: all(succeeded(conn, job) for job in jobs), timeout=30)
+    rows = conn.execute(
+        "select attempts, errors from pgqueue.jobs_overview where id = any(%s)", [jobs]
+    ).fetchall()
+    assert rows == [(0, []), (0, [])]
+    assert conn.execute("select count(*) from business").fetchone() == (2,)
