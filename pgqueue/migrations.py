@@ -157,10 +157,15 @@ def migrate(
         exists = conn.execute(
             "select 1 from pg_namespace where nspname = %s", [schema]
         ).fetchone()
+        table = conn.execute(
+            "select to_regclass(%s)", [f"{schema}.migrations"]
+        ).fetchone()
         if not exists:
             conn.execute(_bootstrap(schema).encode())
-        else:
-            # The schema's owner may lack CREATE on the database: only the table.
+        elif table is None or table[0] is None:
+            # The schema's owner may lack CREATE on the database: only the
+            # table. (Not when it exists: a role without CREATE on the schema,
+            # a worker's, may run migrate to find the schema up to date.)
             conn.execute(_bootstrap(schema).split(";\n", 1)[1].encode())
         applied = []
         have = current_version(conn, schema)

@@ -61,6 +61,11 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
         # Queue options: the owner's, and a worker's (it changes the tables).
         owner.execute("select priv.configure_queue('fast', false)")
 
+    # `pgqueue migrate` by a worker's role (no CREATE on the schema) on a
+    # schema that is up to date: nothing to do, and no error.
+    with psycopg.connect(roles["worker"], autocommit=True) as worker_conn:
+        assert migrations.migrate(worker_conn, "priv") == []
+
     # The producer enqueues (one, bulk by arrays, bulk by COPY) but reads nothing.
     producer_app = pgqueue.App(roles["producer"], schema="priv")
     with psycopg.connect(roles["producer"], autocommit=True) as producer:
