@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
 import psycopg
 
@@ -15,7 +15,26 @@ from pgqueue.migrations import check_schema_name
 from pgqueue.retry import RetryPolicy
 from pgqueue.tasks import Task, make_task
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class BulkOptions(TypedDict, total=False):
+    """Options of :meth:`App.enqueue_many` (as :class:`pgqueue.producer.Options`)."""
+
+    queue: str
+    priority: int
+    delay: timedelta | float | None
+    run_at: datetime | None
+    max_attempts: int
+
+
+class EnqueueOptions(BulkOptions, total=False):
+    """Options of :meth:`App.enqueue` and :meth:`App.enqueue_async`."""
+
+    idempotency_key: str | None
 
 
 def resolve_dsn(dsn: str | None = None) -> str:
@@ -155,50 +174,25 @@ class App:
         conn: psycopg.Connection[Any],
         task: str,
         args: Mapping[str, Any] | None = None,
-        *,
-        queue: str = "default",
-        priority: int = 0,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        idempotency_key: str | None = None,
-        max_attempts: int = 25,
+        **options: Unpack[EnqueueOptions],
     ) -> int:
         """Enqueue a job by task name, without importing the handler's code.
 
         Same guarantees as :meth:`Task.enqueue`: joins ``conn``'s transaction.
+        Options: ``queue``, ``priority``, ``delay`` or ``run_at``,
+        ``idempotency_key``, ``max_attempts`` (see :class:`EnqueueOptions`).
         """
-        opts = producer.Options(
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            idempotency_key=idempotency_key,
-            max_attempts=max_attempts,
-        )
-        return producer.enqueue(conn, self, task, args, opts)
+        return producer.enqueue(conn, self, task, args, producer.Options(**options))
 
     async def enqueue_async(
         self,
         conn: psycopg.AsyncConnection[Any],
         task: str,
         args: Mapping[str, Any] | None = None,
-        *,
-        queue: str = "default",
-        priority: int = 0,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        idempotency_key: str | None = None,
-        max_attempts: int = 25,
+        **options: Unpack[EnqueueOptions],
     ) -> int:
         """Like :meth:`enqueue`, on an async connection."""
-        opts = producer.Options(
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            idempotency_key=idempotency_key,
-            max_attempts=max_attempts,
-        )
+        opts = producer.Options(**options)
         return await producer.enqueue_async(conn, self, task, args, opts)
 
     def enqueue_many(
@@ -206,20 +200,9 @@ class App:
         conn: psycopg.Connection[Any],
         task: str,
         args: Iterable[Mapping[str, Any]],
-        *,
-        queue: str = "default",
-        priority: int = 0,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int = 25,
+        **options: Unpack[BulkOptions],
     ) -> list[int]:
         """Enqueue one job of ``task`` per mapping in ``args``: one statement,
         or from 500 jobs on, two (ids reserved, then the rows by COPY)."""
-        opts = producer.Options(
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-        )
+        opts = producer.Options(**options)
         return producer.enqueue_many(conn, self, task, args, opts)

@@ -37,6 +37,18 @@ def proxy(dsn: str) -> Iterator[SilentProxy]:
         silent.close()
 
 
+def recording_app(dsn: str) -> tuple[pgqueue.App, pgqueue.Task, list[int]]:
+    """An app with one non-transactional task that notes the ids it ran."""
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    def note(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    return app, note, ran
+
+
 def succeeded(conn: Conn, job_id: int) -> bool:
     row = conn.execute(
         "select state::text from pgqueue.jobs_overview where id = %s", [job_id]
@@ -47,13 +59,7 @@ def succeeded(conn: Conn, job_id: int) -> bool:
 def test_worker_replaces_connections_that_went_silent(
     proxy: SilentProxy, conn: Conn
 ) -> None:
-    app = pgqueue.App(proxy.dsn())
-    ran: list[int] = []
-
-    @app.task(transactional=False)
-    def note(ctx: pgqueue.JobContext) -> None:
-        ran.append(ctx.job.id)
-
+    app, note, ran = recording_app(proxy.dsn())
     with running_worker(app, db_timeout=1.0, poll_interval=0.2) as worker:
         first = note.enqueue(conn)
         wait_until(lambda: succeeded(conn, first))
@@ -133,13 +139,7 @@ def test_db_timeout_must_be_positive(dsn: str) -> None:
 def test_heartbeat_renews_completions_whose_statement_got_no_answer(
     proxy: SilentProxy, conn: Conn
 ) -> None:
-    app = pgqueue.App(proxy.dsn())
-    ran: list[int] = []
-
-    @app.task(transactional=False)
-    def once(ctx: pgqueue.JobContext) -> None:
-        ran.append(ctx.job.id)
-
+    app, once, ran = recording_app(proxy.dsn())
     # Leases of 1.5 s, renewed every 0.5 s; the completion statement is lost
     # on the way and waits 4 s for its deadline before it is sent again.
     # Without the heartbeat renewing it meanwhile, the lease ran out, the
@@ -258,13 +258,7 @@ def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
 def test_a_listen_connection_that_went_silent_is_replaced(
     proxy: SilentProxy, conn: Conn
 ) -> None:
-    app = pgqueue.App(proxy.dsn())
-    ran: list[int] = []
-
-    @app.task(transactional=False)
-    def note(ctx: pgqueue.JobContext) -> None:
-        ran.append(ctx.job.id)
-
+    app, note, ran = recording_app(proxy.dsn())
     # Polling every minute: only a NOTIFY wakes this worker in time. After
     # the freeze its LISTEN connection hears nothing more; its next look
     # (listener.CHECK_EVERY) gets no answer, it reconnects and wakes the
@@ -281,13 +275,7 @@ def test_a_listen_connection_that_went_silent_is_replaced(
 def test_a_lease_held_up_behind_a_lock_is_cancelled_not_left_to_lease_later(
     dsn: str, conn: Conn
 ) -> None:
-    app = pgqueue.App(dsn)
-    ran: list[int] = []
-
-    @app.task(transactional=False)
-    def once(ctx: pgqueue.JobContext) -> None:
-        ran.append(ctx.job.id)
-
+    app, once, ran = recording_app(dsn)
     job = once.enqueue(conn)
     # A migration, say, holds the jobs table for 3 s: each lease waits behind
     # it past the worker's deadline. Cancelled, it leases nothing; abandoned
