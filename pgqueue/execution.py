@@ -38,7 +38,7 @@ from pgqueue.errors import (
 )
 from pgqueue.handler_conn import HandlerConnection, lent
 from pgqueue.jobs import Job, UnreadableArgs
-from pgqueue.liveness import SESSION_SETUP
+from pgqueue.liveness import BEGIN
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
 from pgqueue.txbatch import BatchItem, TxBatcher, check_left_open
@@ -426,7 +426,7 @@ class JobExecution:
             return
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            await conn.execute("begin")
+            await conn.execute(BEGIN)
             try:
                 with lent(conn):
                     result = await self._within_timeout(
@@ -597,7 +597,7 @@ class JobExecution:
         conn = self._thread_connection()
         attempt.sync_conn = conn
         try:
-            conn.execute("begin")
+            conn.execute(BEGIN)
             with lent(conn):
                 result = self._job_context.copy().run(
                     _call_sync_handler, task, self._context(job, conn), args
@@ -661,11 +661,6 @@ class JobExecution:
         conn = HandlerConnection.connect(
             self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
-        try:
-            conn.execute(SESSION_SETUP)
-        except BaseException:
-            conn.close()
-            raise
         with self._thread_conns_lock:
             self._thread_conns.append(conn)
         return conn

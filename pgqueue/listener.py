@@ -58,8 +58,9 @@ class Listener:
                     self._dsn, autocommit=True, application_name="pgqueue-listener"
                 ) as conn:
                     self._conn = conn
-                    await conn.execute(
-                        sql.SQL("listen {}").format(sql.Identifier(self._channel))
+                    listen = sql.SQL("listen {}").format(sql.Identifier(self._channel))
+                    await fetch_within(
+                        conn, self._db_timeout, listen.as_string(conn), rows=False
                     )
                     self.connected.set()
                     backoff = 0.05

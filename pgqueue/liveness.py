@@ -56,15 +56,20 @@ LIVENESS_DEFAULTS: Mapping[str, str] = {
 class NoAnswer(psycopg.OperationalError):
     """The database did not answer one of the worker's statements in time;
     the worker closed that connection (a lost connection, for every retry
-    path)."""
+    path). ``cancelled``: the server answered that it cancelled the statement
+    (alive, only slow; nothing of the statement was kept)."""
+
+    cancelled: bool = False
 
 
-# Sent on every connection a worker opens. A completion deletes the row that
-# the heartbeat updates: at REPEATABLE READ or SERIALIZABLE (a database's or a
-# role's default), a handler's transaction that outlived one heartbeat could
-# never complete (could not serialize access due to concurrent update), and
-# leases failed now and then. The fencing is written for READ COMMITTED.
-SESSION_SETUP = "set default_transaction_isolation to 'read committed'"
+# How the worker opens every transaction it lends a handler. A completion
+# deletes the row that the heartbeat updates: at REPEATABLE READ or
+# SERIALIZABLE (a database's or a role's default), a handler's transaction
+# that outlived one heartbeat could never complete (could not serialize access
+# due to concurrent update). Per transaction, not per session: behind a pooler
+# in transaction mode a session setting would land on whichever server
+# connection ran it, and stay there for other clients.
+BEGIN = "begin isolation level read committed"
 
 
 def with_liveness_defaults(dsn: str) -> str:
@@ -89,10 +94,11 @@ RECHECK = 0.5  # seconds: see fetch_within
 def _readable(conn: psycopg.AsyncConnection[Any]) -> bool:
     """True if the connection's socket has bytes waiting to be read."""
     try:
-        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        poller = select.poll()  # select.select refuses descriptors over 1023
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return False
-    return bool(ready)
 
 
 def shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -143,10 +149,17 @@ async def fetch_within(
         return await cur.fetchall() if rows else []
     except psycopg.OperationalError as exc:
         if ending:
-            raise NoAnswer(
-                f"no answer from the database within {seconds:g} s;"
-                " the statement was cancelled and the connection closed"
-            ) from exc
+            cancelled = isinstance(exc, psycopg.errors.QueryCanceled)
+            error = NoAnswer(
+                f"no answer from the database within {seconds:g} s; "
+                + (
+                    "the statement was cancelled and the connection closed"
+                    if cancelled
+                    else "the connection was closed"
+                )
+            )
+            error.cancelled = cancelled
+            raise error from exc
         raise
     finally:
         timer[0].cancel()
@@ -172,7 +185,9 @@ async def _cancel_then_shut(conn: psycopg.AsyncConnection[Any], seconds: float) 
 async def _close(
     conn: psycopg.AsyncConnection[Any], ending: list[asyncio.Task[None]]
 ) -> None:
-    ending[0].cancel()
-    await asyncio.wait(ending)
+    # Closed first: a second cancel of the caller during the wait below must
+    # not leave it open (a pooled one would go back to the pool).
     with contextlib.suppress(Exception):
         await conn.close()
+    ending[0].cancel()
+    await asyncio.wait(ending)

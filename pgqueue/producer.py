@@ -246,13 +246,15 @@ def _reserve_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy_rows(
-    ids: list[int], params: dict[str, Any], run_at: str, encoding: str
+    ids: list[int], params: dict[str, Any], run_at: str | bytes, encoding: str
 ) -> bytes:
     """COPY text rows, in the connection's encoding (what COPY reads).
     ``run_at``: ISO 8601 text in UTC, which COPY reads whatever the session's
     DateStyle and time zone. JSON text has no raw tab or newline (json.dumps
     escapes control characters), so doubling backslashes is the only escaping
     needed; queue and task names were checked to hold no special characters."""
+    if isinstance(run_at, bytes):  # text arrives as bytes over SQL_ASCII
+        run_at = run_at.decode("ascii")
     fixed = "\t".join([params["queue"], params["task"]])
     tail = f"\t{params['priority']}\t{run_at}\t{params['max_attempts']}\n"
     lines = [
@@ -282,6 +284,14 @@ def _unencodable(
         f"{what} holds {exc.object[exc.start : exc.end]!r}, which the"
         f" connection's encoding ({encoding}) cannot carry"
     )
+
+
+def _encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    """The Python codec of what the connection sends. SQL_ASCII, which psycopg
+    names "ascii", takes any bytes: psycopg sends UTF-8 there, and so does
+    COPY here."""
+    encoding = conn.info.encoding
+    return "utf-8" if encoding == "ascii" else encoding
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> list[int]:
@@ -340,7 +350,7 @@ def enqueue_many(
     if not params["n"]:
         return []
     stmts = _sql.statements(app.schema)
-    encoding = conn.info.encoding
+    encoding = _encoding(conn)
     try:
         cur = conn.cursor(row_factory=tuple_row)
         if params["n"] < COPY_THRESHOLD:
@@ -374,7 +384,7 @@ async def enqueue_many_async(
     if not params["n"]:
         return []
     stmts = _sql.statements(app.schema)
-    encoding = conn.info.encoding
+    encoding = _encoding(conn)
     try:
         cur = conn.cursor(row_factory=tuple_row)
         if params["n"] < COPY_THRESHOLD:

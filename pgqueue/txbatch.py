@@ -60,6 +60,7 @@ from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import JobTimeout
 from pgqueue.handler_conn import lent
+from pgqueue.liveness import BEGIN
 
 
 def savepoint_statements() -> tuple[str, str, str]:
@@ -200,7 +201,7 @@ class TxBatcher:
         self, conn: psycopg.Connection[Any], first: BatchItem, taken: list[BatchItem]
     ) -> None:
         try:
-            conn.execute("begin")
+            conn.execute(BEGIN)
         except psycopg.Error as exc:
             _settle([(first, None, exc)])
             raise _Broken() from exc
@@ -298,7 +299,7 @@ class TxBatcher:
         completed: list[tuple[BatchItem, str | None]] = []
         try:
             with conn.pipeline():
-                conn.execute("begin")
+                conn.execute(BEGIN)
                 conn.execute(self._savepoint)
         except psycopg.Error as exc:
             _settle([(it, None, exc) for it in items])
@@ -363,7 +364,7 @@ class TxBatcher:
                 _settle([(item, None, error)])
                 continue
             try:
-                conn.execute("begin")
+                conn.execute(BEGIN)
                 payload = self._run_and_complete(conn, item, ("commit",))
             except BaseException as exc:
                 item.set_completing(False)

@@ -27,6 +27,7 @@ from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import HandlerCancelled, HandlerRaisedBaseException, JobTimeout
 from pgqueue.handler_conn import lent
+from pgqueue.liveness import BEGIN
 from pgqueue.txbatch import check_left_open, savepoint_statements
 
 
@@ -154,7 +155,7 @@ class AsyncTxBatcher:
         taken: list[AsyncBatchItem],
     ) -> None:
         try:
-            await conn.execute("begin")
+            await conn.execute(BEGIN)
         except psycopg.Error as exc:
             raise _Broken() from exc
         loop = asyncio.get_running_loop()
@@ -248,7 +249,7 @@ class AsyncTxBatcher:
         completed: list[tuple[AsyncBatchItem, str | None]] = []
         try:
             async with conn.pipeline():
-                await conn.execute("begin")
+                await conn.execute(BEGIN)
                 await conn.execute(self._savepoint)
         except psycopg.Error as exc:
             raise _Broken() from exc
@@ -298,7 +299,7 @@ class AsyncTxBatcher:
                 _settle([(item, None, error)])
                 continue
             try:
-                await conn.execute("begin")
+                await conn.execute(BEGIN)
                 payload = await self._run_and_complete(conn, item, ("commit",))
             except Exception as exc:
                 item.set_completing(False)

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 from psycopg.pq import ConnStatus
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgqueue import _sql, eager, migrations
 from pgqueue.app import App
@@ -55,16 +55,24 @@ from pgqueue.execution import (
 )
 from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
-from pgqueue.liveness import (
-    SESSION_SETUP,
-    NoAnswer,
-    fetch_within,
-    with_liveness_defaults,
-)
+from pgqueue.liveness import NoAnswer, fetch_within, with_liveness_defaults
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
 from pgqueue.txbatch_async import AsyncTxBatcher
 from pgqueue.wakeup import Wakeup
+
+
+def _may_have_committed(error: Exception) -> bool:
+    """After this error, did the statement perhaps commit all the same? Only
+    when its connection was lost (or gave no answer) with the statement sent:
+    not when the pool had no connection to give, nor when the server answered
+    that it cancelled the statement."""
+    if isinstance(error, PoolTimeout):
+        return False
+    if isinstance(error, NoAnswer):
+        return not error.cancelled
+    return isinstance(error, psycopg.OperationalError)
+
 
 # Seconds before a failed heartbeat is tried again.
 HEARTBEAT_RETRY = 0.5
@@ -178,11 +186,22 @@ class Worker(JobExecution):
         for name, value in seconds.items():
             # NaN passes every comparison, and the database refuses a lease of
             # 1e300 s at every lease (interval out of range).
-            if value is not None and not 0 <= value <= MAX_SECONDS:
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value <= MAX_SECONDS
+            ):
                 raise ConfigurationError(
                     f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g},"
-                    f" got {value}"
+                    f" got {value!r}"
                 )
+        if reap_interval is not None and 0 < reap_interval < 0.1:
+            raise ConfigurationError(
+                "reap_interval must be at least 0.1 s (0: the default),"
+                f" got {reap_interval}"
+            )
+        if retention is not None and retention > timedelta(days=366 * 100):
+            raise ConfigurationError(f"retention is over 100 years: {retention}")
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ConfigurationError("lease, poll interval and grace must be positive")
         if db_timeout is not None and not db_timeout > 0:
@@ -313,7 +332,6 @@ class Worker(JobExecution):
             max_size=4 + (self.concurrency if handler_conns else 0),
             kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
             connection_class=AsyncHandlerConnection,
-            configure=self._set_up_session,
             open=False,
         )
         # Whatever startup opened is closed again if a later step fails (the
@@ -786,14 +804,21 @@ class Worker(JobExecution):
             else:
                 later.append(item)
         self._done = later
+        # Renewed by the heartbeat until written or back in _done, the one at
+        # a time writes below included.
         self._writing = batch
         try:
-            error = await self._write_completions(batch)
+            return await self._write_completion_batch(batch)
         finally:
             self._writing = []
+
+    async def _write_completion_batch(
+        self, batch: list[tuple[Attempt, str | None]]
+    ) -> bool:
+        error = await self._write_completions(batch)
         if error is None:
             return True
-        if isinstance(error, psycopg.OperationalError):
+        if _may_have_committed(error):
             for attempt, _ in batch:
                 attempt.unconfirmed = True
         if isinstance(error, psycopg.OperationalError) or len(batch) == 1:
@@ -1154,8 +1179,9 @@ class Worker(JobExecution):
         try:
             async with self._pool.connection(timeout=self.db_timeout) as conn:
                 return await fetch_within(conn, self.db_timeout, query, params)
-        except NoAnswer:
-            await self._drain_pool()
+        except NoAnswer as exc:
+            if not exc.cancelled:
+                await self._drain_pool()
             raise
 
     async def _fetch_leasing(
@@ -1179,10 +1205,7 @@ class Worker(JobExecution):
                 # timestamptz to the session's time zone, through zoneinfo for
                 # any zone but 'UTC' (even 'Etc/UTC'), which cost 1 us a value.
                 await fetch_within(
-                    conn,
-                    self.db_timeout,
-                    f"set timezone to 'UTC'; {SESSION_SETUP}",
-                    rows=False,
+                    conn, self.db_timeout, "set timezone to 'UTC'", rows=False
                 )
             except BaseException:
                 await conn.close()
@@ -1193,26 +1216,18 @@ class Worker(JobExecution):
         return await fetch_within(conn, self.db_timeout, query, params, binary=True)
 
     async def _new_async_connection(self) -> psycopg.AsyncConnection[Any]:
-        conn = await AsyncHandlerConnection.connect(
+        return await AsyncHandlerConnection.connect(
             self._dsn, autocommit=True, application_name="pgqueue-worker"
         )
-        try:
-            await self._set_up_session(conn)
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
-
-    async def _set_up_session(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await fetch_within(conn, self.db_timeout, SESSION_SETUP, rows=False)
 
     async def _execute(self, query: str, params: list[Any]) -> None:
         assert self._pool is not None
         try:
             async with self._pool.connection(timeout=self.db_timeout) as conn:
                 await fetch_within(conn, self.db_timeout, query, params, rows=False)
-        except NoAnswer:
-            await self._drain_pool()
+        except NoAnswer as exc:
+            if not exc.cancelled:
+                await self._drain_pool()
             raise
 
     async def _drain_pool(self) -> None:

@@ -343,6 +343,21 @@ def test_bulk_enqueue_by_copy_speaks_the_connections_encoding(
     assert stored == [("café",)]
 
 
+def test_bulk_enqueue_by_copy_on_a_sql_ascii_connection_sends_utf8_as_the_rest(
+    app: pgqueue.App, dsn: str, conn: Conn
+) -> None:
+    send = app.tasks["send"]
+    with psycopg.connect(dsn, client_encoding="SQL_ASCII") as legacy:
+        ids = [send.enqueue(legacy, to="café €")]
+        ids += send.enqueue_many(legacy, [{"to": "café €"}] * 3)
+        ids += send.enqueue_many(legacy, [{"to": "café €"}] * 500)  # COPY
+        legacy.commit()
+    stored = conn.execute(
+        "select distinct args->>'to' from pgqueue.jobs where id = any(%s)", [ids]
+    ).fetchall()
+    assert stored == [("café €",)]
+
+
 def test_a_bulk_enqueue_at_the_end_of_time_works_in_any_session_time_zone(
     app: pgqueue.App, dsn: str, conn: Conn
 ) -> None:
