@@ -1147,3 +1147,36 @@ def test_notify_of_quiet_queues_only_takes_no_listening_lock(conn: Conn) -> None
             )
             == 0
         )
+
+
+def test_enqueue_many_claims_a_key_again_whose_job_left_meanwhile(conn: Conn) -> None:
+    first = one(conn, "select pgqueue.enqueue('a', '{}', 'default', 0, null, 25, 'k')")
+    # The key's job leaves between enqueue_many's two statements (a prune, or a
+    # success in a queue that keeps none): here a trigger on the first
+    # statement's insert deletes it, as a concurrent prune that committed then.
+    conn.execute(
+        "create function pg_temp.gone() returns trigger language plpgsql as $$"
+        " begin if current_setting('test.gone', true) is distinct from 'yes' then"
+        " perform set_config('test.gone', 'yes', false);"  # once only
+        " delete from pgqueue.idempotency_keys where key = 'k';"
+        " delete from pgqueue.jobs where idempotency_key = 'k'; end if;"
+        " return null; end $$"
+    )
+    conn.execute(
+        "create trigger gone after insert on pgqueue.jobs"
+        " for each statement execute function pg_temp.gone()"
+    )
+    try:
+        rows = conn.execute(
+            "select ord, id, created from pgqueue.enqueue_many("
+            "%s, %s::jsonb[], null, null, null, null, %s)",
+            [["b", "c"], ["{}", "{}"], [None, "k"]],
+        ).fetchall()
+    finally:
+        conn.execute("drop trigger gone on pgqueue.jobs")
+    assert [(r[0], r[2]) for r in rows] == [(1, True), (2, True)]
+    made = rows[1][1]
+    assert made is not None and made != first
+    assert conn.execute(
+        "select task, idempotency_key from pgqueue.jobs where id = %s", [made]
+    ).fetchone() == ("c", "k")
