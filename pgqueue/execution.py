@@ -127,9 +127,10 @@ class Attempt:
     completing: bool = False  # completed in a batch transaction not yet committed
     failing: bool = False  # its failure is being recorded (requeued or dead)
     refused: int = 0  # completion writes the database refused (worker.py)
-    # A write of its completion lost its connection (or got no answer): that
-    # write may have committed, so the next one finding no lease proves
-    # nothing about the lease (worker._write_completions).
+    # A write of its completion or failure lost its connection (or got no
+    # answer): that write may have committed, so the next one finding no lease
+    # proves nothing about the lease (worker._write_completions and
+    # _write_failures).
     unconfirmed: bool = False
 
     def in_flight(self) -> bool:
@@ -795,7 +796,16 @@ class JobExecution:
             attempt = failure.attempt
             state = states.get((attempt.job.id, attempt.job.lease_token))
             if state is None:
-                self._lease_was_lost(attempt)
+                if attempt.unconfirmed:  # an earlier write may have recorded it
+                    self._log.warning(
+                        "job_failure_unconfirmed",
+                        job_id=attempt.job.id,
+                        detail="an earlier write of this failure lost its"
+                        " connection and may have committed; else the lease"
+                        " was lost",
+                    )
+                else:
+                    self._lease_was_lost(attempt)
                 continue
             self.counters.failed += 1
             self._log.warning(

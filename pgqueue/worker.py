@@ -864,6 +864,9 @@ class Worker(JobExecution):
             del self._failed[: len(batch)]
             return True
         if isinstance(error, psycopg.OperationalError):
+            if _may_have_committed(error):
+                for failure in batch:
+                    failure.attempt.unconfirmed = True
             return False
         left = []
         for failure in batch:

@@ -327,3 +327,32 @@ def test_transactional_jobs_complete_where_the_default_isolation_is_stricter(
     ).fetchall()
     assert rows == [(0, []), (0, [])]
     assert conn.execute("select count(*) from business").fetchone() == (2,)
+
+
+def test_a_failure_whose_answer_was_lost_is_not_called_a_lost_lease(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    app = pgqueue.App(proxy.dsn())
+
+    @app.task(transactional=False, max_attempts=1)
+    def broken(ctx: pgqueue.JobContext) -> None:
+        raise RuntimeError("no")
+
+    # The failure reaches the server and commits (the job is dead); its answer
+    # is lost, and the write sent again after the deadline finds no lease.
+    proxy.freeze_when(b"fail_many(", deliver=True)
+    with (
+        structlog.testing.capture_logs() as logs,
+        running_worker(app, db_timeout=1.0) as worker,
+    ):
+        job = broken.enqueue(conn)
+        wait_until(
+            lambda: any(e["event"] == "job_failure_unconfirmed" for e in logs),
+            timeout=15,
+        )
+        assert worker.counters.lease_lost == 0
+    assert not [e for e in logs if e["event"] == "job_lease_lost"]
+    row = conn.execute(
+        "select state::text from pgqueue.jobs_overview where id = %s", [job]
+    ).fetchone()
+    assert row == ("dead",)
