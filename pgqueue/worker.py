@@ -74,6 +74,15 @@ def _may_have_committed(error: Exception) -> bool:
     return isinstance(error, psycopg.OperationalError)
 
 
+def _next_limit(limit: int, sent: int, error: Exception | None, most: int) -> int:
+    """The batch size after a batch of ``sent`` ended with ``error``."""
+    if isinstance(error, NoAnswer) and error.cancelled:
+        return max(1, sent // 2)
+    if error is None:
+        return min(most, limit * 2)
+    return limit
+
+
 # Seconds before a failed heartbeat is tried again.
 HEARTBEAT_RETRY = 0.5
 # The longest lease, interval, grace or timeout a worker takes: a year.
@@ -248,6 +257,12 @@ class Worker(JobExecution):
         # their leases too (a statement on a connection gone silent waits up
         # to db_timeout before it is sent again).
         self._writing: list[tuple[Attempt, str | None]] = []
+        # Completions and failures per statement: halved after a statement the
+        # server cancelled at the deadline (too slow: a trigger on the history,
+        # a loaded server), doubled again after each one written, up to the
+        # most (a batch that always outlasts the deadline was retried whole).
+        self._flush_limit = FLUSH_MAX
+        self._fail_limit = FAIL_FLUSH_MAX
         self._failed: list[Failure] = []  # failures the flusher has yet to write
         self._dispatching = False  # _dispatch is starting jobs
         # Below this many free slots, wait for more to free before leasing, so
@@ -798,7 +813,7 @@ class Worker(JobExecution):
         ids: set[int] = set()
         for item in self._done:
             job_id = item[0].job.id
-            if len(batch) < FLUSH_MAX and job_id not in ids:
+            if len(batch) < self._flush_limit and job_id not in ids:
                 ids.add(job_id)
                 batch.append(item)
             else:
@@ -816,6 +831,7 @@ class Worker(JobExecution):
         self, batch: list[tuple[Attempt, str | None]]
     ) -> bool:
         error = await self._write_completions(batch)
+        self._flush_limit = _next_limit(self._flush_limit, len(batch), error, FLUSH_MAX)
         if error is None:
             return True
         if _may_have_committed(error):
@@ -858,8 +874,11 @@ class Worker(JobExecution):
         when the connection was lost (or gave no answer): the batch is kept
         whole, for the next try, and no write is counted against it.
         """
-        batch = self._failed[:FAIL_FLUSH_MAX]
+        batch = self._failed[: self._fail_limit]
         error = await self._write_failures(batch)
+        self._fail_limit = _next_limit(
+            self._fail_limit, len(batch), error, FAIL_FLUSH_MAX
+        )
         if error is None:
             del self._failed[: len(batch)]
             return True

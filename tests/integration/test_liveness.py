@@ -356,3 +356,25 @@ def test_a_failure_whose_answer_was_lost_is_not_called_a_lost_lease(
         "select state::text from pgqueue.jobs_overview where id = %s", [job]
     ).fetchone()
     assert row == ("dead",)
+
+
+def test_a_completion_batch_too_slow_for_the_deadline_is_split(
+    dsn: str, conn: Conn
+) -> None:
+    # 20 ms a history row (a trigger of the user's, a loaded server): a batch
+    # of 50 or more outlasts the half of the 2 s deadline at which the
+    # statement is cancelled. Retried whole, it was cancelled again and again;
+    # halved after each cancel, it goes through.
+    conn.execute(
+        "create function slow_row() returns trigger language plpgsql as $$"
+        " begin perform pg_sleep(0.02); return null; end $$"
+    )
+    conn.execute(
+        "create trigger slow_row after insert on pgqueue.finished_jobs"
+        " for each row execute function slow_row()"
+    )
+    app, note, ran = recording_app(dsn)
+    jobs = note.enqueue_many(conn, [{}] * 150)
+    with running_worker(app, concurrency=150, db_timeout=2.0):
+        wait_until(lambda: all(succeeded(conn, job) for job in jobs), timeout=60)
+    assert sorted(ran) == sorted(jobs)
