@@ -36,9 +36,8 @@ from pgqueue.errors import (
     LeaseLost,
     Retry,
 )
-from pgqueue.handler_conn import HandlerConnection, lent
+from pgqueue.handler_conn import BEGIN, HandlerConnection, lent
 from pgqueue.jobs import Job, UnreadableArgs
-from pgqueue.liveness import BEGIN
 from pgqueue.retry import ExponentialBackoff
 from pgqueue.tasks import Task, check_args
 from pgqueue.txbatch import BatchItem, TxBatcher, check_left_open

@@ -31,6 +31,15 @@ from psycopg.rows import TupleRow
 
 from pgqueue.errors import TransactionOwnedByWorker
 
+# How the worker opens every transaction it lends a handler. A completion
+# deletes the row that the heartbeat updates: at REPEATABLE READ or
+# SERIALIZABLE (a database's or a role's default), a handler's transaction
+# that outlived one heartbeat could never complete (could not serialize access
+# due to concurrent update). Per transaction, not per session: behind a pooler
+# in transaction mode a session setting would land on whichever server
+# connection ran it, and stay there for other clients.
+BEGIN = "begin isolation level read committed"
+
 
 class HandlerConnection(psycopg.Connection[TupleRow]):
     """A worker connection that refuses to end a transaction it lent out."""

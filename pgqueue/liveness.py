@@ -62,16 +62,6 @@ class NoAnswer(psycopg.OperationalError):
     cancelled: bool = False
 
 
-# How the worker opens every transaction it lends a handler. A completion
-# deletes the row that the heartbeat updates: at REPEATABLE READ or
-# SERIALIZABLE (a database's or a role's default), a handler's transaction
-# that outlived one heartbeat could never complete (could not serialize access
-# due to concurrent update). Per transaction, not per session: behind a pooler
-# in transaction mode a session setting would land on whichever server
-# connection ran it, and stay there for other clients.
-BEGIN = "begin isolation level read committed"
-
-
 def with_liveness_defaults(dsn: str) -> str:
     """``dsn`` with :data:`LIVENESS_DEFAULTS` added where it names none.
 

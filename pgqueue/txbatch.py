@@ -59,8 +59,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import JobTimeout
-from pgqueue.handler_conn import lent
-from pgqueue.liveness import BEGIN
+from pgqueue.handler_conn import BEGIN, lent
 
 
 def savepoint_statements() -> tuple[str, str, str]:

@@ -26,8 +26,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from pgqueue.errors import HandlerCancelled, HandlerRaisedBaseException, JobTimeout
-from pgqueue.handler_conn import lent
-from pgqueue.liveness import BEGIN
+from pgqueue.handler_conn import BEGIN, lent
 from pgqueue.txbatch import check_left_open, savepoint_statements
 
 
