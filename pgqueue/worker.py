@@ -1195,12 +1195,20 @@ class Worker(JobExecution):
     # -- database helpers ---------------------------------------------------------
 
     async def _fetch(
-        self, query: str, params: Sequence[Any] | Mapping[str, Any]
+        self,
+        query: str,
+        params: Sequence[Any] | Mapping[str, Any],
+        *,
+        rows: bool = True,
     ) -> list[tuple[Any, ...]]:
+        """Run one statement on a pooled connection; its rows (none if
+        ``rows`` is False: a statement that returns none)."""
         assert self._pool is not None
         try:
             async with self._pool.connection(timeout=self.db_timeout) as conn:
-                return await fetch_within(conn, self.db_timeout, query, params)
+                return await fetch_within(
+                    conn, self.db_timeout, query, params, rows=rows
+                )
         except NoAnswer as exc:
             if not exc.cancelled:
                 await self._drain_pool()
@@ -1243,14 +1251,7 @@ class Worker(JobExecution):
         )
 
     async def _execute(self, query: str, params: list[Any]) -> None:
-        assert self._pool is not None
-        try:
-            async with self._pool.connection(timeout=self.db_timeout) as conn:
-                await fetch_within(conn, self.db_timeout, query, params, rows=False)
-        except NoAnswer as exc:
-            if not exc.cancelled:
-                await self._drain_pool()
-            raise
+        await self._fetch(query, params, rows=False)
 
     async def _drain_pool(self) -> None:
         """A pooled connection went silent: the others, opened about the same
