@@ -964,18 +964,47 @@ class Worker(JobExecution):
                 continue
             self.counters.heartbeats += 1
             alive = {row[0] for row in rows}
-            for attempt in running:
-                # A job that ended while the heartbeat was on its way left the
-                # table (or holds its row lock) and is not in ``alive``: only
-                # one still in flight here has lost its lease.
-                if (
-                    attempt.job.id not in alive
-                    and not attempt.lease_lost
-                    and attempt in self._running
-                    and attempt.in_flight()
-                ):
-                    attempt.lease_lost = True
-                    self._log.warning("job_lease_expired", job_id=attempt.job.id)
+            # A job that ended while the heartbeat was on its way left the
+            # table (or holds its row lock) and is not in ``alive``: only one
+            # still in flight here may have lost its lease.
+            missed = [
+                a
+                for a in running
+                if a.job.id not in alive
+                and not a.lease_lost
+                and a in self._running
+                and a.in_flight()
+            ]
+            if missed and await self._leases_lost(missed):
+                wait = min(interval, HEARTBEAT_RETRY)
+
+    async def _leases_lost(self, missed: list[Attempt]) -> bool:
+        """Report the jobs among ``missed`` (running, not renewed by the last
+        heartbeat) whose lease is gone; True if some still hold theirs.
+
+        The heartbeat skips locked rows, and a row is locked by more than a
+        completion: a concurrent lease whose FOR UPDATE met the row as this
+        worker leased it keeps the lock it took, though its recheck dropped
+        the row, until its transaction ends. Such a job kept its lease (a plain
+        read shows its token) and is renewed by the next heartbeat, which
+        comes sooner. True too when the read fails: nothing is reported then.
+        """
+        try:
+            held = set(
+                await self._job_ids(self._stmts.still_leased, [a.job for a in missed])
+            )
+        except Exception as exc:
+            self._log.warning("heartbeat_failed", error=repr(exc))
+            return True
+        for attempt in missed:
+            # Ended while this looked, or the row is still ours: not lost.
+            if attempt.job.id in held or not (
+                attempt in self._running and attempt.in_flight()
+            ):
+                continue
+            attempt.lease_lost = True
+            self._log.warning("job_lease_expired", job_id=attempt.job.id)
+        return bool(held)
 
     async def _maintainer(self) -> None:
         """Reap expired leases every reap_interval."""

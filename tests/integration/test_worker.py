@@ -521,6 +521,89 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
     assert expired == [], f"{len(expired)} finished jobs reported as expired"
 
 
+def _expiries(events: list[Any]) -> list[Any]:
+    return [e["job_id"] for e in events if e["event"] == "job_lease_expired"]
+
+
+def _lease_expires_at(conn: Conn, job_id: int) -> Any:
+    row = conn.execute(
+        "select lease_expires_at from pgqueue.jobs where id = %s", [job_id]
+    ).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_a_running_row_locked_by_another_session_keeps_its_lease(
+    dsn: str, business: Conn
+) -> None:
+    """The heartbeat skips locked rows, and not only completions lock them: a
+    lease whose FOR UPDATE met the row as it was being leased keeps its lock
+    until its transaction ends (as does anyone's SELECT ... FOR UPDATE). Such
+    a job still holds its lease: no expiry is reported, and it is renewed as
+    soon as the lock goes, not a whole heartbeat interval later."""
+    app = pgqueue.App(dsn)
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    job_id = long.enqueue(business)
+    locker = psycopg.connect(dsn)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, lease_seconds=6, concurrency=1) as worker,
+        ):
+            assert started.wait(10)
+            locker.execute(
+                "select 1 from pgqueue.jobs where id = %s for update", [job_id]
+            )
+            locked_at = _lease_expires_at(business, job_id)
+            beats = worker.counters.heartbeats
+            # Two heartbeats (every 2 s) meet the lock.
+            wait_until(lambda: worker.counters.heartbeats >= beats + 2, timeout=10)
+            assert _lease_expires_at(business, job_id) == locked_at
+            locker.rollback()
+            # Renewed within the retry (0.5 s), well before the next beat (2 s).
+            unlocked = time.monotonic()
+            wait_until(lambda: _lease_expires_at(business, job_id) != locked_at)
+            assert time.monotonic() - unlocked < 1.5
+            release.set()
+            wait_until(lambda: finished(business, job_id))
+        assert _expiries(events) == []
+        assert worker.counters.succeeded == 1
+    finally:
+        release.set()
+        locker.close()
+
+
+def test_a_reaped_running_job_is_reported_as_expired(dsn: str, business: Conn) -> None:
+    app = pgqueue.App(dsn)
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    job_id = long.enqueue(business)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, lease_seconds=3, concurrency=1),
+        ):
+            assert started.wait(10)
+            reap_now(dsn, job_id)
+            wait_until(lambda: _expiries(events) == [job_id], timeout=10)
+            release.set()
+    finally:
+        release.set()
+
+
 def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
     app = pgqueue.App(dsn)
 
