@@ -291,6 +291,42 @@ def test_lease_of_zero_leases_nothing_and_a_negative_limit_is_refused(
         lease(conn, -1)
 
 
+BAD_LEASE_LENGTHS = [None, 0.0, -5.0, float("nan"), float("inf"), 31622400.5]
+
+
+@pytest.mark.parametrize("secs", BAD_LEASE_LENGTHS)
+def test_lease_refuses_a_lease_length_reap_could_not_end(
+    conn: Conn, secs: float | None
+) -> None:
+    """A NULL length made a job that stayed running through its worker's crash
+    (reap looks for expiries in the past); a negative one, a job reaped while it
+    ran. Refused (0019), and the job stays queued."""
+    job_id = enqueue(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="lease length"):
+        conn.execute("select * from pgqueue.lease(%s, 1, 'w', %s)", [["default"], secs])
+    assert state(conn, job_id) == "queued"
+    assert lease(conn, 1, secs=31622400) != []  # 366 days is the longest
+
+
+@pytest.mark.parametrize("secs", BAD_LEASE_LENGTHS)
+def test_heartbeat_refuses_a_lease_length_reap_could_not_end(
+    conn: Conn, secs: float | None
+) -> None:
+    job_id = enqueue(conn)
+    [(_, token, _)] = lease(conn)
+    expires = "select lease_expires_at from pgqueue.jobs where id = %s"
+    before = one(conn, expires, [job_id])
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="lease length"):
+        conn.execute(
+            "select pgqueue.heartbeat('w', %s, %s, %s)", [[job_id], [token], secs]
+        )
+    assert one(conn, expires, [job_id]) == before
+    renewed = conn.execute(
+        "select pgqueue.heartbeat('w', %s, %s, 90)", [[job_id], [token]]
+    ).fetchall()
+    assert renewed == [(job_id,)]
+
+
 def test_lease_only_from_named_queues(conn: Conn) -> None:
     a = enqueue(conn, queue="a")
     b = enqueue(conn, queue="b", priority=5)
