@@ -331,6 +331,10 @@ class Counters:
     succeeded: int = 0
     failed: int = 0
     lease_lost: int = 0
+    # Completions and failures written again after an earlier write lost its
+    # answer, which found no lease: that write may have committed (succeeded
+    # or failed as it said), or the lease was lost. Neither is counted above.
+    unconfirmed: int = 0
     leased: int = 0
     lease_calls: int = 0
     leases_ahead: int = 0  # sent before the previous batch started (worker.py)
@@ -796,6 +800,7 @@ class JobExecution:
             state = states.get((attempt.job.id, attempt.job.lease_token))
             if state is None:
                 if attempt.unconfirmed:  # an earlier write may have recorded it
+                    self.counters.unconfirmed += 1
                     self._log.warning(
                         "job_failure_unconfirmed",
                         job_id=attempt.job.id,

@@ -922,6 +922,7 @@ class Worker(JobExecution):
             if attempt.job.id not in lost:
                 self._log_succeeded(attempt)
             elif attempt.unconfirmed:
+                self.counters.unconfirmed += 1
                 self._log.warning(
                     "job_completion_unconfirmed",
                     job_id=attempt.job.id,
@@ -1165,6 +1166,8 @@ class Worker(JobExecution):
             "worker_stopped",
             succeeded=self.counters.succeeded,
             failed=self.counters.failed,
+            lease_lost=self.counters.lease_lost,
+            unconfirmed=self.counters.unconfirmed,
             leased=self.counters.leased,
             lease_calls=self.counters.lease_calls,
         )

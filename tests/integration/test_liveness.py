@@ -252,7 +252,11 @@ def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
             timeout=10,
         )
         assert worker.counters.lease_lost == 0
+        assert worker.counters.unconfirmed == 1
+        assert worker.counters.succeeded == 0
     assert not [e for e in logs if e["event"] == "job_lease_lost"]
+    [stopped] = [e for e in logs if e["event"] == "worker_stopped"]
+    assert (stopped["succeeded"], stopped["unconfirmed"]) == (0, 1)
 
 
 def test_a_listen_connection_that_went_silent_is_replaced(
@@ -351,6 +355,8 @@ def test_a_failure_whose_answer_was_lost_is_not_called_a_lost_lease(
             timeout=15,
         )
         assert worker.counters.lease_lost == 0
+        assert worker.counters.unconfirmed == 1
+        assert worker.counters.failed == 0
     assert not [e for e in logs if e["event"] == "job_lease_lost"]
     row = conn.execute(
         "select state::text from pgqueue.jobs_overview where id = %s", [job]
