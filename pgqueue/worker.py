@@ -287,6 +287,7 @@ class Worker(JobExecution):
         self._grace_over = asyncio.Event()  # a cancel in the grace ends it
         self._due = True
         self._next_due_at: float | None = None
+        self._due_again = 0.0  # seconds: see _plan_next_due
         self._wake: Wakeup | None = None
         # The lease loop's own connection: no pool checkout on the path from a
         # NOTIFY to a leased job, and its prepared lease statement stays warm.
@@ -477,12 +478,17 @@ class Worker(JobExecution):
                     if self._next_due_at is not None and now >= self._next_due_at:
                         self._next_due_at = None
                         self._due = True
+                    # _batch_min holds back a worker with a backlog (its last
+                    # lease came back full, more will come as slots free).
+                    # Without one, a due job takes any free slot: with 7 of 8
+                    # slots on long jobs, a new job waited for one of them.
                     if not (
                         self._due
                         and free > 0
                         and (
                             free >= self._batch_min
                             or not (self._running or self._ready)
+                            or self._full_leases == 0
                         )
                     ):
                         if self.until_empty and self._all_written():
@@ -699,7 +705,21 @@ class Worker(JobExecution):
             self._log.warning("next_run_at_failed", error=repr(exc))
             return
         seconds = rows[0][0] if rows else None
-        at = None if seconds is None else self._loop.time() + max(0.0, float(seconds))
+        now = self._loop.time()
+        if seconds is None:
+            at = None
+        elif seconds > 0:
+            at = now + float(seconds)
+            self._due_again = 0.0
+        else:
+            # A job is due, yet the lease just now came back short: its row is
+            # locked (by a transaction of another session, or a lease on its
+            # way), or it fell due in between. Look again soon, but not at
+            # once: while a lock is held, that was a lease and a next_run_at
+            # per round trip, thousands a second. 10 ms, then twice as long
+            # each time, up to the poll interval.
+            self._due_again = min(max(0.01, self._due_again * 2), self.poll_interval)
+            at = now + self._due_again
         # A retry this worker scheduled a moment ago (_retries_scheduled) may
         # not have been committed when this looked: the earlier time stands.
         # Kept even when it has passed: the loop looks at once, and clears it.

@@ -604,6 +604,67 @@ def test_a_reaped_running_job_is_reported_as_expired(dsn: str, business: Conn) -
         release.set()
 
 
+def test_a_new_job_takes_the_one_free_slot_beside_long_jobs(
+    dsn: str, business: Conn
+) -> None:
+    """A worker with no backlog leases for any free slot: with 7 of 8 slots
+    on long jobs, a job enqueued next waited for one of them to end."""
+    app = pgqueue.App(dsn)
+    release = threading.Event()
+    started: list[int] = []
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        started.append(ctx.job.id)
+        await asyncio.to_thread(release.wait, 60)
+
+    @app.task(transactional=False)
+    async def short(ctx: pgqueue.JobContext) -> None:
+        started.append(ctx.job.id)
+
+    long.enqueue_many(business, [{}] * 7)
+    try:
+        with running_worker(app, concurrency=8, poll_interval=1.0) as worker:
+            wait_until(lambda: len(started) == 7)
+            job_id = short.enqueue(business)
+            wait_until(lambda: finished(business, job_id), timeout=10)
+            assert len(started) == 8
+            assert worker.counters.succeeded == 1  # the long ones still run
+            release.set()
+    finally:
+        release.set()
+
+
+def test_an_idle_worker_does_not_spin_on_a_due_job_another_session_locked(
+    dsn: str, business: Conn
+) -> None:
+    """The lease skips a locked row; next_run_at still sees the job due. The
+    worker looked again at once, thousands of times a second, while the lock
+    was held; it backs off to its poll interval now, and runs the job once
+    the lock is gone."""
+    app = pgqueue.App(dsn)
+
+    @app.task(transactional=False)
+    async def noop(ctx: pgqueue.JobContext) -> None:
+        pass
+
+    job_id = noop.enqueue(business)
+    locker = psycopg.connect(dsn)
+    try:
+        locker.execute("select 1 from pgqueue.jobs where id = %s for update", [job_id])
+        with running_worker(app, poll_interval=1.0) as worker:
+            wait_until(lambda: worker.counters.lease_calls >= 1)
+            time.sleep(0.5)
+            before = worker.counters.lease_calls
+            time.sleep(3)
+            # Backing off from 10 ms to the 1 s poll: about 9 in 3 s.
+            assert worker.counters.lease_calls - before <= 30
+            locker.rollback()
+            wait_until(lambda: finished(business, job_id), timeout=5)
+    finally:
+        locker.close()
+
+
 def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
     app = pgqueue.App(dsn)
 
