@@ -202,6 +202,7 @@ class RunClock:
     changed: asyncio.Event
     running_since: float | None = None
     ended_at: float | None = None
+    thread: threading.Thread | None = None  # the batch thread of the last run
 
 
 def _run_began(clock: RunClock, loop: asyncio.AbstractEventLoop) -> None:
@@ -531,13 +532,16 @@ class JobExecution:
     ) -> None:
         assert self._loop is not None and self._executor is not None
         future: asyncio.Future[str | None]
-        if task.transactional and self._tx_batcher is not None:
+        batcher = self._tx_batcher if task.transactional else None
+        clock: RunClock | None = None
+        if batcher is not None:
             future = self._loop.create_future()
             # The timeout counts each run of the handler (from its start to its
             # return), not its wait for a batch thread or for its batch's
             # COMMIT: a slow batch mate is not this job's fault.
-            clock = None if task.timeout is None else RunClock(asyncio.Event())
-            self._tx_batcher.submit(
+            if task.timeout is not None:
+                clock = RunClock(asyncio.Event())
+            batcher.submit(
                 BatchItem(
                     job_id=attempt.job.id,
                     lease_token=attempt.job.lease_token,
@@ -571,6 +575,15 @@ class JobExecution:
             # the timed_out flag stops the completion, and fencing would too.
             attempt.timed_out = True
             await asyncio.to_thread(_cancel_query, attempt)
+            if (
+                batcher is not None
+                and clock is not None
+                and clock.running_since is not None
+                and clock.thread is not None
+            ):
+                # Its batch thread is held until the handler returns, and the
+                # jobs queued to it with it: another thread takes them.
+                batcher.spare(clock.thread)
             self._fail(attempt, task, JobTimeout(timed_out))
             with contextlib.suppress(BaseException):
                 await future
@@ -646,6 +659,7 @@ class JobExecution:
         loop = self._loop
         assert loop is not None
         if clock is not None:
+            clock.thread = threading.current_thread()
             loop.call_soon_threadsafe(_run_began, clock, loop)
         try:
             result = self._job_context.copy().run(

@@ -142,20 +142,51 @@ class TxBatcher:
         self._complete_one = complete_one
         self._savepoint, self._release, self._rollback_to = savepoint_statements()
         self._queue: queue.SimpleQueue[BatchItem | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._main, name=f"pgqueue-tx-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._lock = threading.Lock()
+        self._started = 0  # threads started, spares included
+        # Threads a spare replaced: each exits when its hung handler returns.
+        self._retiring: set[threading.Thread] = set()
+        for _ in range(threads):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        with self._lock:
+            name = f"pgqueue-tx-{self._started}"
+            self._started += 1
+        threading.Thread(target=self._main, name=name, daemon=True).start()
 
     def submit(self, item: BatchItem) -> None:
         """Queue a job; a free thread runs it, possibly in an open batch."""
         self._queue.put(item)
 
+    def spare(self, hung: threading.Thread) -> None:
+        """Start a thread in place of ``hung``, which runs a handler past its
+        timeout, and let ``hung`` exit once that handler returns.
+
+        A thread cannot be killed, and a handler hung where no cancel reaches it
+        (a socket read without a timeout) may never return: the jobs queued
+        behind it waited for it, with no timeout of their own (theirs counts
+        their run) and their leases renewed by the heartbeat.
+        """
+        with self._lock:
+            if hung in self._retiring:
+                return
+            self._retiring.add(hung)
+        self._start_thread()
+
+    def _retired(self) -> bool:
+        with self._lock:
+            me = threading.current_thread()
+            if me not in self._retiring:
+                return False
+            self._retiring.discard(me)
+            return True
+
     def stop(self) -> None:
         """Let each thread finish its batch and exit (does not wait)."""
-        for _ in self._threads:
+        with self._lock:
+            started = self._started
+        for _ in range(started):
             self._queue.put(None)
 
     def _main(self) -> None:
@@ -179,6 +210,8 @@ class TxBatcher:
                     with contextlib.suppress(Exception):
                         conn.close()
                 conn = None
+            if self._retired():
+                break
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()

@@ -264,6 +264,42 @@ def test_a_handler_that_times_out_mid_query_fails_alone(
     ).fetchone() == (7,)
 
 
+def test_jobs_queued_behind_a_hung_sync_handler_run_on_a_spare_thread(
+    dsn: str, conn: Conn
+) -> None:
+    """A sync handler hung where no query cancel reaches it (a socket read
+    without a timeout) holds its batch thread for good. With 2 slots and
+    batches of 2 there is one thread: the jobs queued to it never started, and
+    the heartbeat kept their leases. Past the hung handler's timeout another
+    thread takes them."""
+    app = pgqueue.App(dsn)
+    release = threading.Event()
+
+    @app.task(timeout=0.5, max_attempts=1)
+    def hang(ctx: pgqueue.JobContext) -> None:
+        release.wait(60)
+
+    @app.task(timeout=0.5)
+    def quick(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("select 1")
+
+    hung = hang.enqueue(conn)
+    try:
+        with running_worker(app, concurrency=2, tx_batch=2, lease_seconds=3):
+            wait_until(lambda: finished(conn, [hung]))  # failed at its timeout
+            ids = [quick.enqueue(conn) for _ in range(3)]
+            wait_until(lambda: finished(conn, ids), timeout=10)
+            release.set()
+        states = conn.execute(
+            "select state::text, attempts, count(*) from pgqueue.finished_jobs"
+            " where id = any(%s) group by 1, 2",
+            [ids],
+        ).fetchall()
+        assert states == [("succeeded", 0, 3)]
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("how", ["awaits-a-cancelled-task", "cancels-its-task"])
 def test_a_handler_that_lets_a_cancellation_out_fails_alone_and_the_lane_goes_on(
     dsn: str, conn: Conn, how: str
