@@ -343,7 +343,7 @@ class AsyncTxBatcher:
         """
         try:
             with lent(conn):
-                payload = await asyncio.ensure_future(item.run(conn))
+                payload = await asyncio.ensure_future(_contained(item.run(conn)))
         except asyncio.CancelledError:
             if self._closing or _cancelling():
                 raise
@@ -358,6 +358,19 @@ class AsyncTxBatcher:
             ) from exc
         check_left_open(conn.info.transaction_status)
         return payload
+
+
+async def _contained(handler: Awaitable[str | None]) -> str | None:
+    """``handler``, with SystemExit and KeyboardInterrupt turned into this
+    job's failure inside its Task: a Task that lets either out also raises it
+    into the event loop, which stopped the worker (the README promises that
+    they fail the job alone, as they do outside a batch)."""
+    try:
+        return await handler
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerRaisedBaseException(
+            f"the handler raised {type(exc).__name__}"
+        ) from exc
 
 
 def _given_up(

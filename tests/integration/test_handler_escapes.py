@@ -281,6 +281,8 @@ class Fatal(BaseException):
         (SystemExit, "at once", 1),
         (GeneratorExit, "after an await", 1),
         (Fatal, "after an await", 4),
+        (SystemExit, "after an await", 4),
+        (KeyboardInterrupt, "after an await", 4),
     ],
     ids=[
         "unprintable-at-once",
@@ -290,6 +292,8 @@ class Fatal(BaseException):
         "system-exit",
         "generator-exit",
         "base-exception-async-tx-batch",
+        "system-exit-async-tx-batch",
+        "keyboard-interrupt-async-tx-batch",
     ],
 )
 def test_any_exception_a_handler_lets_out_fails_its_job_only(
