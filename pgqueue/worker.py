@@ -857,18 +857,29 @@ class Worker(JobExecution):
         if _may_have_committed(error):
             for attempt, _ in batch:
                 attempt.unconfirmed = True
-        if isinstance(error, psycopg.OperationalError) or len(batch) == 1:
+        if isinstance(error, psycopg.OperationalError):
             left = batch
+        elif len(batch) == 1:
+            left = [item for item in batch if self._complete_tried(item[0])]
         else:
-            left = [
-                item
-                for item in batch
-                if await self._write_completions([item], quiet=True) is not None
-            ]
-        if not isinstance(error, psycopg.OperationalError):
-            left = [item for item in left if self._complete_tried(item[0])]
+            left = []
+            for item in batch:
+                alone = await self._write_completions([item], quiet=True)
+                if alone is not None and self._kept(item[0], alone):
+                    left.append(item)
         self._done[:0] = left
         return False
+
+    def _kept(self, attempt: Attempt, error: Exception) -> bool:
+        """After a completion written alone failed: keep it to try again?
+        A lost connection (or no answer) counts no try against it, as for a
+        whole batch, and marks the write unconfirmed if it may have committed;
+        a refusal counts one (_complete_tried)."""
+        if not isinstance(error, psycopg.OperationalError):
+            return self._complete_tried(attempt)
+        if _may_have_committed(error):
+            attempt.unconfirmed = True
+        return True
 
     def _complete_tried(self, attempt: Attempt) -> bool:
         """Count a refused completion; False once it is given up."""
@@ -909,11 +920,16 @@ class Worker(JobExecution):
             return False
         left = []
         for failure in batch:
-            if (
-                len(batch) > 1
-                and await self._write_failures([failure], quiet=True) is None
-            ):
-                continue
+            if len(batch) > 1:
+                alone = await self._write_failures([failure], quiet=True)
+                if alone is None:
+                    continue
+                if isinstance(alone, psycopg.OperationalError):
+                    # As for a whole batch: kept, no try counted.
+                    if _may_have_committed(alone):
+                        failure.attempt.unconfirmed = True
+                    left.append(failure)
+                    continue
             failure.tries += 1
             if failure.tries < FAIL_TRIES:
                 left.append(failure)

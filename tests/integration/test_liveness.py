@@ -259,6 +259,49 @@ def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
     assert (stopped["succeeded"], stopped["unconfirmed"]) == (0, 1)
 
 
+def test_a_completion_written_alone_whose_answer_was_lost_is_unconfirmed(
+    proxy: SilentProxy, conn: Conn
+) -> None:
+    """A batch the database refuses is written again one completion at a time.
+    One of those writes commits and loses its answer: it was counted as a
+    refusal, and its next write, finding the job gone, reported a lost lease.
+    It is unconfirmed, as after a batch write that lost its answer."""
+    # Every completion batch of two jobs or more is refused; one alone is not.
+    conn.execute(
+        "create function refuse_batches() returns trigger language plpgsql as $$"
+        " begin if (select count(*) from fresh) > 1 then"
+        " raise exception 'no batches here'; end if; return null; end $$"
+    )
+    conn.execute(
+        "create trigger refuse_batches after insert on pgqueue.finished_jobs"
+        " referencing new table as fresh for each statement"
+        " execute function refuse_batches()"
+    )
+    app = pgqueue.App(proxy.dsn())
+    together = asyncio.Barrier(2) if hasattr(asyncio, "Barrier") else None
+    if together is None:
+        pytest.skip("asyncio.Barrier is 3.11+")
+
+    @app.task(transactional=False)
+    async def pair(ctx: pgqueue.JobContext) -> None:
+        await together.wait()  # both end at once: one completion batch
+
+    first, second = pair.enqueue_many(conn, [{}, {}])
+    proxy.freeze_when(f"{{{second}}}".encode(), deliver=True)
+    with (
+        structlog.testing.capture_logs() as logs,
+        running_worker(app, concurrency=2, db_timeout=1.0) as worker,
+    ):
+        wait_until(lambda: succeeded(conn, first) and succeeded(conn, second))
+        wait_until(lambda: worker.counters.unconfirmed == 1, timeout=10)
+        assert worker.counters.lease_lost == 0
+    refused = [e for e in logs if e["event"] == "complete_failed"]
+    assert refused and refused[0]["jobs"] == 2  # the batch was refused
+    assert not [
+        e for e in logs if e["event"] in ("job_lease_lost", "complete_given_up")
+    ]
+
+
 def test_a_listen_connection_that_went_silent_is_replaced(
     proxy: SilentProxy, conn: Conn
 ) -> None:
