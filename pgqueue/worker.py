@@ -35,6 +35,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+from psycopg.errors import LockNotAvailable
 from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -801,7 +802,7 @@ class Worker(JobExecution):
 
     async def _flush_pending(self) -> None:
         backoff = 0.05
-        while self._done or self._failed:
+        while self._writable() or self._failed:
             # Bounded statements: a backlog (after a database blip) is written
             # in slices rather than one giant array. Completions and failures
             # take turns, so a failure is not kept waiting by a steady stream of
@@ -810,13 +811,36 @@ class Worker(JobExecution):
             # are counted (FAIL_TRIES), and while the connection fails they
             # would be given up within a second, each then waiting for reap.
             written = True
-            if self._done:
+            if self._writable():
                 written = await self._flush_completions()
             if self._failed and written:
                 written = await self._flush_failures()
             if not written:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if self._done and self._flush is not None and self._loop is not None:
+            # All set aside (_park): look again when the first is due.
+            due = min(attempt.parked_until for attempt, _ in self._done)
+            self._loop.call_later(max(0.0, due - time.monotonic()), self._flush.set)
+
+    def _writable(self) -> bool:
+        """Some completion is waiting and not set aside (_park)."""
+        if not self._done:
+            return False
+        now = time.monotonic()
+        return any(attempt.parked_until <= now for attempt, _ in self._done)
+
+    def _park(self, attempt: Attempt) -> None:
+        """Set a completion aside whose row another session holds locked
+        (55P03 after complete's 2 s, 0020): 1 s, then twice as long each time,
+        up to 30 s. Written with the others, it held them all up, 2 s a try."""
+        attempt.parked_until = time.monotonic() + min(30.0, 2.0**attempt.parks)
+        attempt.parks += 1
+        self._log.warning(
+            "complete_waits_for_lock",
+            job_id=attempt.job.id,
+            detail="another session holds the job's row; tried again later",
+        )
 
     async def _flush_completions(self) -> bool:
         """Write the oldest completions; False if some are left to try again.
@@ -831,9 +855,14 @@ class Worker(JobExecution):
         batch: list[tuple[Attempt, str | None]] = []
         later: list[tuple[Attempt, str | None]] = []
         ids: set[int] = set()
+        now = time.monotonic()
         for item in self._done:
             job_id = item[0].job.id
-            if len(batch) < self._flush_limit and job_id not in ids:
+            if (
+                len(batch) < self._flush_limit
+                and job_id not in ids
+                and item[0].parked_until <= now
+            ):
                 ids.add(job_id)
                 batch.append(item)
             else:
@@ -857,18 +886,28 @@ class Worker(JobExecution):
         if _may_have_committed(error):
             for attempt, _ in batch:
                 attempt.unconfirmed = True
-        if isinstance(error, psycopg.OperationalError):
-            left = batch
-        elif len(batch) == 1:
-            left = [item for item in batch if self._complete_tried(item[0])]
-        else:
-            left = []
-            for item in batch:
-                alone = await self._write_completions([item], quiet=True)
-                if alone is not None and self._kept(item[0], alone):
-                    left.append(item)
+        locked = isinstance(error, LockNotAvailable)
+        if isinstance(error, psycopg.OperationalError) and not locked:
+            self._done[:0] = batch
+            return False
+        # Refused, or a row lock met: each written alone, so that one the
+        # database refuses or another session holds holds up no other.
+        left: list[tuple[Attempt, str | None]] = []
+        parked: list[tuple[Attempt, str | None]] = []
+        for item in batch:
+            alone = (
+                error
+                if len(batch) == 1
+                else await self._write_completions([item], quiet=True)
+            )
+            if isinstance(alone, LockNotAvailable):
+                self._park(item[0])
+                parked.append(item)
+            elif alone is not None and self._kept(item[0], alone):
+                left.append(item)
         self._done[:0] = left
-        return False
+        self._done.extend(parked)
+        return not left
 
     def _kept(self, attempt: Attempt, error: Exception) -> bool:
         """After a completion written alone failed: keep it to try again?
@@ -913,23 +952,29 @@ class Worker(JobExecution):
         if error is None:
             del self._failed[: len(batch)]
             return True
-        if isinstance(error, psycopg.OperationalError):
+        if isinstance(error, psycopg.OperationalError) and not isinstance(
+            error, LockNotAvailable
+        ):
             if _may_have_committed(error):
                 for failure in batch:
                     failure.attempt.unconfirmed = True
             return False
         left = []
         for failure in batch:
-            if len(batch) > 1:
-                alone = await self._write_failures([failure], quiet=True)
-                if alone is None:
-                    continue
-                if isinstance(alone, psycopg.OperationalError):
-                    # As for a whole batch: kept, no try counted.
-                    if _may_have_committed(alone):
-                        failure.attempt.unconfirmed = True
-                    left.append(failure)
-                    continue
+            alone = (
+                error
+                if len(batch) == 1
+                else await self._write_failures([failure], quiet=True)
+            )
+            if alone is None:
+                continue
+            if isinstance(alone, psycopg.OperationalError):
+                # As for a whole batch: kept, no try counted (a row lock that
+                # another session holds included).
+                if _may_have_committed(alone):
+                    failure.attempt.unconfirmed = True
+                left.append(failure)
+                continue
             failure.tries += 1
             if failure.tries < FAIL_TRIES:
                 left.append(failure)

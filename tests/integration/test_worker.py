@@ -665,6 +665,62 @@ def test_an_idle_worker_does_not_spin_on_a_due_job_another_session_locked(
         locker.close()
 
 
+def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
+    dsn: str, business: Conn
+) -> None:
+    """complete waits 2 s for a row lock (0020); the completion that met one is
+    set aside, and the worker's other completions and failures are written
+    meanwhile. It waited for the lock until the deadline, then again, with
+    everything behind it; it is written once the lock is gone."""
+    app = pgqueue.App(dsn)
+    go = threading.Event()
+
+    returned = threading.Event()
+
+    @app.task(transactional=False)
+    async def held(ctx: pgqueue.JobContext) -> int:
+        await asyncio.to_thread(go.wait, 30)
+        returned.set()
+        return 1
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> int:
+        return 2
+
+    @app.task(transactional=False, max_attempts=1)
+    async def boom(ctx: pgqueue.JobContext) -> None:
+        raise ValueError("no")
+
+    locked = held.enqueue(business)
+    locker = psycopg.connect(dsn)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, lease_seconds=30) as worker,
+        ):
+            wait_until(lambda: job_state(business, locked) == "running")
+            locker.execute(
+                "select 1 from pgqueue.jobs where id = %s for update", [locked]
+            )
+            go.set()
+            assert returned.wait(10)
+            others = quick.enqueue_many(business, [{}] * 5)
+            failing = boom.enqueue(business)
+            wait_until(lambda: all(finished(business, i) for i in others), timeout=10)
+            wait_until(lambda: job_state(business, failing) == "dead", timeout=10)
+            assert job_state(business, locked) == "running"
+            assert any(e["event"] == "complete_waits_for_lock" for e in events)
+            locker.rollback()
+            wait_until(lambda: job_state(business, locked) == "succeeded", timeout=30)
+        assert worker.counters.succeeded == 6
+        assert worker.counters.lease_lost == 0
+        given_up = [e for e in events if e["event"] == "complete_given_up"]
+        assert given_up == []
+    finally:
+        go.set()
+        locker.close()
+
+
 def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
     app = pgqueue.App(dsn)
 
