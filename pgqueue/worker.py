@@ -1174,6 +1174,7 @@ class Worker(JobExecution):
         # the grace starts no other (_stopping, set by stop() and signals, says
         # whether a signal is the first).
         self._shutting_down = True
+        await self._hand_back_unstarted()
         pending = [a.future for a in self._running if a.future is not None]
         if pending:
             self._log.info(
@@ -1252,6 +1253,16 @@ class Worker(JobExecution):
             leased=self.counters.leased,
             lease_calls=self.counters.lease_calls,
         )
+
+    async def _hand_back_unstarted(self) -> None:
+        """Hand back the jobs leased ahead (prefetch) before the grace: none
+        of them starts now, and another worker can run them at once rather
+        than after the grace. Those not handed back (a row locked for a
+        moment) stay in _ready, for the hand back after the grace."""
+        if not self._ready:
+            return
+        handed = set(await self._hand_back(list(self._ready)))
+        self._ready = deque(job for job in self._ready if job.id not in handed)
 
     async def _grace(self, pending: list[asyncio.Future[Any]]) -> None:
         """Wait for the jobs in flight, up to the grace, or until a cancel of

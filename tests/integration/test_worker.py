@@ -721,6 +721,47 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
         locker.close()
 
 
+def test_jobs_leased_ahead_are_handed_back_when_the_grace_begins(
+    dsn: str, business: Conn
+) -> None:
+    """A stopping worker starts none of the jobs it leased ahead (prefetch):
+    they are handed back as the grace begins, and another worker runs them
+    while the first still waits for its running job. They stayed leased to
+    the first until its grace was over."""
+    app = pgqueue.App(dsn)
+    release = threading.Event()
+    ran_by: dict[int, str] = {}
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        await asyncio.to_thread(release.wait, 60)
+
+    @app.task(transactional=False)
+    async def short(ctx: pgqueue.JobContext) -> None:
+        ran_by[ctx.job.id] = ctx.worker_id
+
+    long.enqueue(business)
+    try:
+        first = pgqueue.Worker(
+            app, handle_signals=False, concurrency=1, prefetch=3, shutdown_grace=60
+        )
+        thread = threading.Thread(target=first.run, daemon=True)
+        thread.start()
+        wait_until(lambda: first.counters.leased == 1)
+        ids = short.enqueue_many(business, [{}] * 3)
+        wait_until(lambda: first.counters.leased == 4)  # 3 waiting for the slot
+        first.stop()
+        with running_worker(app) as second:
+            wait_until(lambda: all(finished(business, i) for i in ids), timeout=10)
+            assert set(ran_by.values()) == {second.worker_id}
+            assert thread.is_alive()  # still in its grace
+        release.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+
+
 def test_two_workers_never_run_the_same_job(dsn: str, business: Conn) -> None:
     app = pgqueue.App(dsn)
 
