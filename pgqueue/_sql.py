@@ -64,10 +64,11 @@ _TEMPLATES: dict[str, LiteralString] = {
     ),
     # The worker's batch completion: returns the ids NOT completed (lease lost),
     # an empty array almost always, so no row per job travels back.
+    # The worker's batches wait briefly for a row lock (0020).
     "complete": (
         "select array(select unnest(%(ids)s::bigint[]) except all"
-        " select {schema}.complete(%(ids)s::bigint[], %(tokens)s::uuid[],"
-        " %(results)s::jsonb[]))"
+        " select {schema}.complete_waiting(%(ids)s::bigint[], %(tokens)s::uuid[],"
+        " %(results)s::jsonb[], %(lock_wait_ms)s))"
     ),
     "complete_one": "select {schema}.complete_one(%s, %s, %s::jsonb)",
     # A job without a result: the same and the COMMIT in one message, sent
@@ -82,8 +83,8 @@ _TEMPLATES: dict[str, LiteralString] = {
     # The worker's batch of failures: (id, token, new state) of those whose
     # lease it still held; a missing one lost its lease.
     "fail_many": (
-        "select id, token, state::text from {schema}.fail_many("
-        "%s::bigint[], %s::uuid[], %s::jsonb[], %s::float8[])"
+        "select id, token, state::text from {schema}.fail_many_waiting("
+        "%s::bigint[], %s::uuid[], %s::jsonb[], %s::float8[], %s)"
     ),
     "heartbeat": "select {schema}.heartbeat(%s, %s::bigint[], %s::uuid[], %s)",
     # The listening locks of an idle worker's lease connection (0016).

@@ -90,7 +90,9 @@ def _array_literal(items: Iterable[str | None]) -> str:
     )
 
 
-def completions(batch: Sequence[tuple[Attempt, str | None]]) -> dict[str, str | None]:
+def completions(
+    batch: Sequence[tuple[Attempt, str | None]], lock_wait_ms: int
+) -> dict[str, str | int | None]:
     """Parameters of the batch completion statement for ``batch``."""
     tokens: dict[uuid.UUID, str] = {}  # one token per lease call: str() it once
     token_texts = []
@@ -105,6 +107,7 @@ def completions(batch: Sequence[tuple[Attempt, str | None]]) -> dict[str, str | 
         "ids": "{" + ",".join([str(a.job.id) for a, _ in batch]) + "}",
         "tokens": "{" + ",".join(token_texts) + "}",
         "results": None if not any(results) else _array_literal(results),
+        "lock_wait_ms": lock_wait_ms,
     }
 
 
@@ -363,6 +366,10 @@ class JobExecution:
     _thread_conns: list[psycopg.Connection[Any]]
     _thread_conns_lock: threading.Lock
     _done: list[tuple[Attempt, str | None]]
+    # How long a completion or failure waits for a row lock (0020): a quarter
+    # of the worker's deadline, at most 2 s, so that its own cancel (at half
+    # the deadline) never comes first.
+    _lock_wait_ms: int
     _failed: list[Failure]
     _flush: asyncio.Event | None
     # Each handler runs in a copy of this (worker.run_async): the context
@@ -565,6 +572,12 @@ class JobExecution:
             )
             done, _ = await asyncio.wait({future}, timeout=task.timeout)
             timed_out = None if done else _ran_too_long(task)
+        hung = None if clock is None else clock.thread
+        if timed_out and batcher is not None and hung is not None:
+            # Its batch thread is held until this handler (or a batch mate,
+            # with no timeout of its own or a longer one) returns, and the
+            # jobs queued to it with it: another thread takes them.
+            batcher.spare(hung)
         if timed_out and attempt.completing:
             # Too late to fail it: its completion is written in its batch's
             # open transaction, which holds its row until the COMMIT decides
@@ -579,15 +592,6 @@ class JobExecution:
             # the timed_out flag stops the completion, and fencing would too.
             attempt.timed_out = True
             await asyncio.to_thread(_cancel_query, attempt)
-            if (
-                batcher is not None
-                and clock is not None
-                and clock.running_since is not None
-                and clock.thread is not None
-            ):
-                # Its batch thread is held until the handler returns, and the
-                # jobs queued to it with it: another thread takes them.
-                batcher.spare(clock.thread)
             self._fail(attempt, task, JobTimeout(timed_out))
             with contextlib.suppress(BaseException):
                 await future
@@ -798,6 +802,7 @@ class JobExecution:
                     [f.attempt.job.lease_token for f in batch],
                     [f.payload for f in batch],
                     [f.delay for f in batch],
+                    self._lock_wait_ms,
                 ],
             )
         except Exception as exc:

@@ -68,7 +68,7 @@ def _may_have_committed(error: Exception) -> bool:
     when its connection was lost (or gave no answer) with the statement sent:
     not when the pool had no connection to give, nor when the server answered
     that it cancelled the statement."""
-    if isinstance(error, PoolTimeout):
+    if isinstance(error, (PoolTimeout, LockNotAvailable)):  # answered: not done
         return False
     if isinstance(error, NoAnswer):
         return not error.cancelled
@@ -242,6 +242,7 @@ class Worker(JobExecution):
         )
         self.handle_signals = handle_signals
         self.db_timeout = db_timeout or min(lease_seconds / 3, 30.0)
+        self._lock_wait_ms = max(1, min(2000, int(self.db_timeout * 250)))
         # The DSN every connection of the worker uses (run_async sets it): the
         # app's, with keepalives and timeouts where it names none.
         self._dsn = ""
@@ -525,7 +526,12 @@ class Worker(JobExecution):
                     backoff = min(backoff * 2, 5.0)
                     continue
                 full = len(rows) == limit
-                self._full_leases = self._full_leases + 1 if full else 0
+                # A backlog: a full lease of at least _batch_min jobs (one of
+                # the single free slot, full, says nothing of what waits).
+                backlog = full and limit >= self._batch_min
+                self._full_leases = self._full_leases + 1 if backlog else 0
+                if rows:
+                    self._due_again = 0.0
                 if full and not self._stopping:
                     self._lease_ahead(len(rows))
                 self._ready.extend(self._jobs(rows))
@@ -709,6 +715,7 @@ class Worker(JobExecution):
         now = self._loop.time()
         if seconds is None:
             at = None
+            self._due_again = 0.0
         elif seconds > 0:
             at = now + float(seconds)
             self._due_again = 0.0
@@ -832,8 +839,8 @@ class Worker(JobExecution):
 
     def _park(self, attempt: Attempt) -> None:
         """Set a completion aside whose row another session holds locked
-        (55P03 after complete's 2 s, 0020): 1 s, then twice as long each time,
-        up to 30 s. Written with the others, it held them all up, 2 s a try."""
+        (55P03 after _lock_wait_ms, 0020): 1 s, then twice as long each time,
+        up to 30 s. Written with the others, it held them all up."""
         attempt.parked_until = time.monotonic() + min(30.0, 2.0**attempt.parks)
         attempt.parks += 1
         self._log.warning(
@@ -993,7 +1000,9 @@ class Worker(JobExecution):
         """Complete a batch in one statement; the error if it failed (the
         flusher keeps the batch and tries again, see _flush_completions)."""
         try:
-            rows = await self._fetch(self._stmts.complete, completions(batch))
+            rows = await self._fetch(
+                self._stmts.complete, completions(batch, self._lock_wait_ms)
+            )
         except Exception as exc:
             if not quiet:
                 self._log.warning("complete_failed", error=repr(exc), jobs=len(batch))
@@ -1212,6 +1221,8 @@ class Worker(JobExecution):
                 future.cancel()
             if cancelled:  # asyncio.wait refuses an empty list
                 await asyncio.wait(cancelled, timeout=1)
+        for attempt, _ in self._done:
+            attempt.parked_until = 0.0  # a last try for those set aside (_park)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_now(), 10)
         for task in background:

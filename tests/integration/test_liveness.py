@@ -144,7 +144,7 @@ def test_heartbeat_renews_completions_whose_statement_got_no_answer(
     # on the way and waits 4 s for its deadline before it is sent again.
     # Without the heartbeat renewing it meanwhile, the lease ran out, the
     # worker's own reaper put the job back, and it ran a second time.
-    proxy.freeze_when(b"complete(")
+    proxy.freeze_when(b"complete_waiting(")
     with running_worker(app, lease_seconds=1.5, db_timeout=4.0) as worker:
         job = once.enqueue(conn)
         wait_until(lambda: succeeded(conn, job), timeout=30)
@@ -240,7 +240,7 @@ def test_a_completion_whose_answer_was_lost_is_not_called_a_lost_lease(
     # The completion reaches the server and commits; its answer is lost. The
     # write is sent again after the deadline and finds the job gone: that
     # proves nothing about the lease.
-    proxy.freeze_when(b"complete(", deliver=True)
+    proxy.freeze_when(b"complete_waiting(", deliver=True)
     with (
         structlog.testing.capture_logs() as logs,
         running_worker(app, db_timeout=1.0) as worker,
@@ -387,7 +387,7 @@ def test_a_failure_whose_answer_was_lost_is_not_called_a_lost_lease(
 
     # The failure reaches the server and commits (the job is dead); its answer
     # is lost, and the write sent again after the deadline finds no lease.
-    proxy.freeze_when(b"fail_many(", deliver=True)
+    proxy.freeze_when(b"fail_many_waiting(", deliver=True)
     with (
         structlog.testing.capture_logs() as logs,
         running_worker(app, db_timeout=1.0) as worker,

@@ -300,6 +300,75 @@ def test_jobs_queued_behind_a_hung_sync_handler_run_on_a_spare_thread(
         release.set()
 
 
+def test_jobs_queued_behind_a_hung_batch_mate_without_a_timeout_go_on(
+    dsn: str, conn: Conn
+) -> None:
+    """A handler with no timeout hangs after a batch mate that has one: the
+    mate's wait for the batch's COMMIT runs out (twice its timeout and a
+    second), and a new thread takes the jobs queued behind them."""
+    app = pgqueue.App(dsn)
+    release = threading.Event()
+
+    @app.task(max_attempts=1)
+    def hang(ctx: pgqueue.JobContext) -> None:
+        release.wait(60)
+
+    @app.task(timeout=0.5)
+    def quick(ctx: pgqueue.JobContext) -> None:
+        ctx.conn.execute("select 1")
+
+    first = quick.enqueue(conn)
+    hang.enqueue(conn)
+    try:
+        # One thread for batches of 4; two slots stay free for the jobs below.
+        with running_worker(app, concurrency=4, tx_batch=4, lease_seconds=30):
+            wait_until(lambda: finished(conn, [first]), timeout=10)
+            ids = [quick.enqueue(conn) for _ in range(3)]
+            wait_until(lambda: finished(conn, ids), timeout=15)
+            release.set()
+        states = conn.execute(
+            "select state::text, count(*) from pgqueue.finished_jobs"
+            " where id = any(%s) group by 1",
+            [ids],
+        ).fetchall()
+        assert states == [("succeeded", 3)]
+    finally:
+        release.set()
+
+
+def test_a_batch_whose_row_another_session_locks_runs_each_handler_once(
+    dsn: str, conn: Conn
+) -> None:
+    """The batch's completion waits for a row lock as long as it takes (the
+    worker's briefer lock wait, 0020, is for its own batched writes only): a
+    lock error would roll the batch back and run its handlers again."""
+    app = pgqueue.App(dsn)
+    go = threading.Event()
+    runs: list[int] = []
+
+    @app.task()
+    def record(ctx: pgqueue.JobContext) -> None:
+        runs.append(ctx.job.id)
+        go.wait(30)
+
+    ids = record.enqueue_many(conn, [{}, {}])
+    locker = psycopg.connect(dsn)
+    try:
+        with running_worker(app, concurrency=2, tx_batch=2, lease_seconds=30):
+            wait_until(lambda: len(runs) == 1)
+            locker.execute(
+                "select 1 from pgqueue.jobs where id = %s for update", [ids[0]]
+            )
+            go.set()
+            time.sleep(3)
+            locker.rollback()
+            wait_until(lambda: finished(conn, ids), timeout=15)
+        assert sorted(runs) == sorted(ids)
+    finally:
+        go.set()
+        locker.close()
+
+
 @pytest.mark.parametrize("how", ["awaits-a-cancelled-task", "cancels-its-task"])
 def test_a_handler_that_lets_a_cancellation_out_fails_alone_and_the_lane_goes_on(
     dsn: str, conn: Conn, how: str

@@ -626,10 +626,13 @@ def test_a_new_job_takes_the_one_free_slot_beside_long_jobs(
     try:
         with running_worker(app, concurrency=8, poll_interval=1.0) as worker:
             wait_until(lambda: len(started) == 7)
-            job_id = short.enqueue(business)
-            wait_until(lambda: finished(business, job_id), timeout=10)
-            assert len(started) == 8
-            assert worker.counters.succeeded == 1  # the long ones still run
+            # One after the other: a lease of the one free slot that came
+            # back full is no backlog.
+            for _ in range(3):
+                job_id = short.enqueue(business)
+                wait_until(lambda j=job_id: finished(business, j), timeout=10)
+            assert len(started) == 10
+            assert worker.counters.succeeded == 3  # the long ones still run
             release.set()
     finally:
         release.set()
@@ -665,16 +668,18 @@ def test_an_idle_worker_does_not_spin_on_a_due_job_another_session_locked(
         locker.close()
 
 
+@pytest.mark.parametrize("db_timeout", [None, 3.0], ids=["default", "short-deadline"])
 def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
-    dsn: str, business: Conn
+    dsn: str, business: Conn, db_timeout: float | None
 ) -> None:
-    """complete waits 2 s for a row lock (0020); the completion that met one is
-    set aside, and the worker's other completions and failures are written
-    meanwhile. It waited for the lock until the deadline, then again, with
-    everything behind it; it is written once the lock is gone."""
+    """A completion waits a quarter of the deadline, at most 2 s, for a row
+    lock (0020); the one that met a lock is set aside, and the worker's other
+    completions and failures are written meanwhile. It waited for the lock
+    until the deadline, then again, with everything behind it; it is written
+    once the lock is gone. With a deadline of 3 s (750 ms to wait), the
+    worker's own cancel, at half the deadline, would otherwise come first."""
     app = pgqueue.App(dsn)
     go = threading.Event()
-
     returned = threading.Event()
 
     @app.task(transactional=False)
@@ -696,7 +701,7 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
     try:
         with (
             structlog.testing.capture_logs() as events,
-            running_worker(app, lease_seconds=30) as worker,
+            running_worker(app, lease_seconds=30, db_timeout=db_timeout) as worker,
         ):
             wait_until(lambda: job_state(business, locked) == "running")
             locker.execute(
@@ -716,6 +721,42 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
         assert worker.counters.lease_lost == 0
         given_up = [e for e in events if e["event"] == "complete_given_up"]
         assert given_up == []
+    finally:
+        go.set()
+        locker.close()
+
+
+def test_a_completion_set_aside_for_a_lock_gets_a_last_try_at_shutdown(
+    dsn: str, business: Conn
+) -> None:
+    """A completion set aside after meeting a row lock is tried once more when
+    the worker stops, whenever it was due: it was left unwritten, and its job
+    ran again once its lease ran out."""
+    app = pgqueue.App(dsn)
+    go = threading.Event()
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> int:
+        await asyncio.to_thread(go.wait, 30)
+        return 1
+
+    job_id = quick.enqueue(business)
+    locker = psycopg.connect(dsn)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, lease_seconds=30, db_timeout=2.0),
+        ):
+            wait_until(lambda: job_state(business, job_id) == "running")
+            locker.execute(
+                "select 1 from pgqueue.jobs where id = %s for update", [job_id]
+            )
+            go.set()
+            wait_until(
+                lambda: any(e["event"] == "complete_waits_for_lock" for e in events)
+            )
+            locker.rollback()
+        assert job_state(business, job_id) == "succeeded"
     finally:
         go.set()
         locker.close()

@@ -1216,3 +1216,29 @@ def test_enqueue_many_claims_a_key_again_whose_job_left_meanwhile(conn: Conn) ->
     assert conn.execute(
         "select task, idempotency_key from pgqueue.jobs where id = %s", [made]
     ).fetchone() == ("c", "k")
+
+
+def test_complete_waiting_gives_up_on_a_locked_row_and_completes_the_rest(
+    conn: Conn, dsn: str
+) -> None:
+    """The worker's batched completion (0020) waits lock_wait_ms for a row
+    lock, then fails whole with 55P03, leaving every job as it was; without
+    the lock it completes them all."""
+    first, second = enqueue(conn), enqueue(conn)
+    leased = {job_id: token for job_id, token, _ in lease(conn, 2)}
+    ids, tokens = [first, second], [leased[first], leased[second]]
+    with psycopg.connect(dsn) as locker:
+        locker.execute("select 1 from pgqueue.jobs where id = %s for update", [second])
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            conn.execute(
+                "select pgqueue.complete_waiting(%s, %s, null, 100)", [ids, tokens]
+            )
+        assert (state(conn, first), state(conn, second)) == ("running", "running")
+    done = conn.execute(
+        "select pgqueue.complete_waiting(%s, %s, null, 100)", [ids, tokens]
+    ).fetchall()
+    assert sorted(r[0] for r in done) == sorted(ids)
+    # The lock wait was the statement's own: this session's setting is as before.
+    assert one(conn, "show lock_timeout") == "0"
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="lock wait"):
+        conn.execute("select pgqueue.complete_waiting(%s, %s, null, 0)", [ids, tokens])
