@@ -3221,12 +3221,8 @@ begin;
 -- own cancel at half the deadline never comes first. complete and fail_many
 -- themselves are unchanged: complete_all calls complete inside a batch's
 -- transaction, where a lock error would run the batch's handlers again.
-create function "pgqueue".complete_waiting(
-    p_ids          bigint[],
-    p_tokens       uuid[],
-    p_results      jsonb[],
-    p_lock_wait_ms integer
-) returns setof bigint
+create function "pgqueue"._wait_for_locks_at_most(p_lock_wait_ms integer)
+returns void
 language plpgsql
 as $$
 begin
@@ -3236,6 +3232,21 @@ begin
               using errcode = 'invalid_parameter_value';
     end if;
     perform pg_catalog.set_config('lock_timeout', p_lock_wait_ms::text, true);
+end
+$$;
+comment on function "pgqueue"._wait_for_locks_at_most(integer) is
+    'Internal: lock_timeout until the end of the transaction (22023 under 1 ms).';
+
+create function "pgqueue".complete_waiting(
+    p_ids          bigint[],
+    p_tokens       uuid[],
+    p_results      jsonb[],
+    p_lock_wait_ms integer
+) returns setof bigint
+language plpgsql
+as $$
+begin
+    perform "pgqueue"._wait_for_locks_at_most(p_lock_wait_ms);
     return query select c from "pgqueue".complete(p_ids, p_tokens, p_results) c;
 end
 $$;
@@ -3254,12 +3265,7 @@ create function "pgqueue".fail_many_waiting(
 language plpgsql
 as $$
 begin
-    if p_lock_wait_ms is null or p_lock_wait_ms < 1 then
-        raise exception 'lock wait must be at least 1 ms, got %',
-                        coalesce(p_lock_wait_ms::text, 'null')
-              using errcode = 'invalid_parameter_value';
-    end if;
-    perform pg_catalog.set_config('lock_timeout', p_lock_wait_ms::text, true);
+    perform "pgqueue"._wait_for_locks_at_most(p_lock_wait_ms);
     return query select f.id, f.token, f.state
                    from "pgqueue".fail_many(p_ids, p_tokens, p_errors, p_delays) f;
 end
@@ -3270,12 +3276,15 @@ comment on function "pgqueue".fail_many_waiting(
     'that); sets lock_timeout until the end of the transaction. The worker''s '
     'batched failures.';
 
+revoke execute on function "pgqueue"._wait_for_locks_at_most(integer)
+    from public;
 revoke execute on function "pgqueue".complete_waiting(
     bigint[], uuid[], jsonb[], integer) from public;
 revoke execute on function "pgqueue".fail_many_waiting(
     bigint[], uuid[], jsonb[], double precision[], integer) from public;
 select "pgqueue"._grant_to_workers(f)
   from unnest(array[
+      '"pgqueue"._wait_for_locks_at_most(integer)',
       '"pgqueue".complete_waiting(bigint[], uuid[], jsonb[], integer)',
       '"pgqueue".fail_many_waiting(bigint[], uuid[], jsonb[], double precision[], integer)'
   ]::regprocedure[]) as f;

@@ -17,12 +17,8 @@
 -- own cancel at half the deadline never comes first. complete and fail_many
 -- themselves are unchanged: complete_all calls complete inside a batch's
 -- transaction, where a lock error would run the batch's handlers again.
-create function :pgqueue_schema.complete_waiting(
-    p_ids          bigint[],
-    p_tokens       uuid[],
-    p_results      jsonb[],
-    p_lock_wait_ms integer
-) returns setof bigint
+create function :pgqueue_schema._wait_for_locks_at_most(p_lock_wait_ms integer)
+returns void
 language plpgsql
 as $$
 begin
@@ -32,6 +28,21 @@ begin
               using errcode = 'invalid_parameter_value';
     end if;
     perform pg_catalog.set_config('lock_timeout', p_lock_wait_ms::text, true);
+end
+$$;
+comment on function :pgqueue_schema._wait_for_locks_at_most(integer) is
+    'Internal: lock_timeout until the end of the transaction (22023 under 1 ms).';
+
+create function :pgqueue_schema.complete_waiting(
+    p_ids          bigint[],
+    p_tokens       uuid[],
+    p_results      jsonb[],
+    p_lock_wait_ms integer
+) returns setof bigint
+language plpgsql
+as $$
+begin
+    perform :pgqueue_schema._wait_for_locks_at_most(p_lock_wait_ms);
     return query select c from :pgqueue_schema.complete(p_ids, p_tokens, p_results) c;
 end
 $$;
@@ -50,12 +61,7 @@ create function :pgqueue_schema.fail_many_waiting(
 language plpgsql
 as $$
 begin
-    if p_lock_wait_ms is null or p_lock_wait_ms < 1 then
-        raise exception 'lock wait must be at least 1 ms, got %',
-                        coalesce(p_lock_wait_ms::text, 'null')
-              using errcode = 'invalid_parameter_value';
-    end if;
-    perform pg_catalog.set_config('lock_timeout', p_lock_wait_ms::text, true);
+    perform :pgqueue_schema._wait_for_locks_at_most(p_lock_wait_ms);
     return query select f.id, f.token, f.state
                    from :pgqueue_schema.fail_many(p_ids, p_tokens, p_errors, p_delays) f;
 end
@@ -66,12 +72,15 @@ comment on function :pgqueue_schema.fail_many_waiting(
     'that); sets lock_timeout until the end of the transaction. The worker''s '
     'batched failures.';
 
+revoke execute on function :pgqueue_schema._wait_for_locks_at_most(integer)
+    from public;
 revoke execute on function :pgqueue_schema.complete_waiting(
     bigint[], uuid[], jsonb[], integer) from public;
 revoke execute on function :pgqueue_schema.fail_many_waiting(
     bigint[], uuid[], jsonb[], double precision[], integer) from public;
 select :pgqueue_schema._grant_to_workers(f)
   from unnest(array[
+      ':pgqueue_schema._wait_for_locks_at_most(integer)',
       ':pgqueue_schema.complete_waiting(bigint[], uuid[], jsonb[], integer)',
       ':pgqueue_schema.fail_many_waiting(bigint[], uuid[], jsonb[], double precision[], integer)'
   ]::regprocedure[]) as f;

@@ -521,6 +521,23 @@ def test_heartbeats_racing_completions_report_no_lost_lease(
     assert expired == [], f"{len(expired)} finished jobs reported as expired"
 
 
+def _long_job_app(
+    dsn: str,
+) -> tuple[pgqueue.App, pgqueue.Task, threading.Event, threading.Event]:
+    """An app whose one task runs until ``release`` is set; ``started`` says
+    that it runs."""
+    app = pgqueue.App(dsn)
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    return app, long, started, release
+
+
 def _expiries(events: list[Any]) -> list[Any]:
     return [e["job_id"] for e in events if e["event"] == "job_lease_expired"]
 
@@ -541,15 +558,7 @@ def test_a_running_row_locked_by_another_session_keeps_its_lease(
     until its transaction ends (as does anyone's SELECT ... FOR UPDATE). Such
     a job still holds its lease: no expiry is reported, and it is renewed as
     soon as the lock goes, not a whole heartbeat interval later."""
-    app = pgqueue.App(dsn)
-    started = threading.Event()
-    release = threading.Event()
-
-    @app.task(transactional=False)
-    async def long(ctx: pgqueue.JobContext) -> None:
-        started.set()
-        await asyncio.to_thread(release.wait, 30)
-
+    app, long, started, release = _long_job_app(dsn)
     job_id = long.enqueue(business)
     locker = psycopg.connect(dsn)
     try:
@@ -581,15 +590,7 @@ def test_a_running_row_locked_by_another_session_keeps_its_lease(
 
 
 def test_a_reaped_running_job_is_reported_as_expired(dsn: str, business: Conn) -> None:
-    app = pgqueue.App(dsn)
-    started = threading.Event()
-    release = threading.Event()
-
-    @app.task(transactional=False)
-    async def long(ctx: pgqueue.JobContext) -> None:
-        started.set()
-        await asyncio.to_thread(release.wait, 30)
-
+    app, long, started, release = _long_job_app(dsn)
     job_id = long.enqueue(business)
     try:
         with (
