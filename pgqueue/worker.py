@@ -75,6 +75,19 @@ def _may_have_committed(error: Exception) -> bool:
     return isinstance(error, psycopg.OperationalError)
 
 
+def _unsent(attempt: Attempt, error: Exception) -> bool:
+    """After a write of this attempt's completion or failure failed alone:
+    did it fail on the way (a lost connection, no answer, a row lock another
+    session holds) rather than being refused? Then no try counts against it,
+    as for a whole batch, and it is marked unconfirmed if it may have
+    committed all the same."""
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    if _may_have_committed(error):
+        attempt.unconfirmed = True
+    return True
+
+
 def _next_limit(limit: int, sent: int, error: Exception | None, most: int) -> int:
     """The batch size after a batch of ``sent`` ended with ``error``."""
     if isinstance(error, NoAnswer) and error.cancelled:
@@ -910,22 +923,13 @@ class Worker(JobExecution):
             if isinstance(alone, LockNotAvailable):
                 self._park(item[0])
                 parked.append(item)
-            elif alone is not None and self._kept(item[0], alone):
+            elif alone is not None and (
+                _unsent(item[0], alone) or self._complete_tried(item[0])
+            ):
                 left.append(item)
         self._done[:0] = left
         self._done.extend(parked)
         return not left
-
-    def _kept(self, attempt: Attempt, error: Exception) -> bool:
-        """After a completion written alone failed: keep it to try again?
-        A lost connection (or no answer) counts no try against it, as for a
-        whole batch, and marks the write unconfirmed if it may have committed;
-        a refusal counts one (_complete_tried)."""
-        if not isinstance(error, psycopg.OperationalError):
-            return self._complete_tried(attempt)
-        if _may_have_committed(error):
-            attempt.unconfirmed = True
-        return True
 
     def _complete_tried(self, attempt: Attempt) -> bool:
         """Count a refused completion; False once it is given up."""
@@ -975,11 +979,7 @@ class Worker(JobExecution):
             )
             if alone is None:
                 continue
-            if isinstance(alone, psycopg.OperationalError):
-                # As for a whole batch: kept, no try counted (a row lock that
-                # another session holds included).
-                if _may_have_committed(alone):
-                    failure.attempt.unconfirmed = True
+            if _unsent(failure.attempt, alone):
                 left.append(failure)
                 continue
             failure.tries += 1
