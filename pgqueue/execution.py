@@ -134,8 +134,9 @@ class Attempt:
     # proves nothing about the lease (worker._write_completions and
     # _write_failures).
     unconfirmed: bool = False
-    # Its completion met a row lock another session holds (55P03, 0020): set
-    # aside until then (time.monotonic()), longer each time (worker.py).
+    # Its completion or failure met a row lock another session holds (55P03,
+    # 0020): set aside until then (time.monotonic()), longer each time
+    # (worker.py).
     parked_until: float = 0.0
     parks: int = 0
 

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -86,6 +86,13 @@ def _unsent(attempt: Attempt, error: Exception) -> bool:
     if _may_have_committed(error):
         attempt.unconfirmed = True
     return True
+
+
+def _due_now(attempts: Iterable[Attempt]) -> bool:
+    """Some of these completions or failures is not set aside (_park), or is
+    due again."""
+    now = time.monotonic()
+    return any(attempt.parked_until <= now for attempt in attempts)
 
 
 def _next_limit(limit: int, sent: int, error: Exception | None, most: int) -> int:
@@ -279,6 +286,9 @@ class Worker(JobExecution):
         self._flush_limit = FLUSH_MAX
         self._fail_limit = FAIL_FLUSH_MAX
         self._failed: list[Failure] = []  # failures the flusher has yet to write
+        # Wakes the flusher when the first completion or failure set aside is
+        # due (_look_again_when_due).
+        self._parked_timer: asyncio.TimerHandle | None = None
         self._dispatching = False  # _dispatch is starting jobs
         # Below this many free slots, wait for more to free before leasing, so
         # a busy worker leases in batches rather than one job per round trip.
@@ -822,7 +832,11 @@ class Worker(JobExecution):
 
     async def _flush_pending(self) -> None:
         backoff = 0.05
-        while self._writable() or self._failed:
+        while True:
+            completions = _due_now(attempt for attempt, _ in self._done)
+            failures = _due_now(failure.attempt for failure in self._failed)
+            if not (completions or failures):
+                break
             # Bounded statements: a backlog (after a database blip) is written
             # in slices rather than one giant array. Completions and failures
             # take turns, so a failure is not kept waiting by a steady stream of
@@ -831,33 +845,45 @@ class Worker(JobExecution):
             # are counted (FAIL_TRIES), and while the connection fails they
             # would be given up within a second, each then waiting for reap.
             written = True
-            if self._writable():
+            if completions:
                 written = await self._flush_completions()
-            if self._failed and written:
+            if failures and written:
                 written = await self._flush_failures()
             if not written:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        if self._done and self._flush is not None and self._loop is not None:
-            # All set aside (_park): look again when the first is due.
-            due = min(attempt.parked_until for attempt, _ in self._done)
-            self._loop.call_later(max(0.0, due - time.monotonic()), self._flush.set)
+        self._look_again_when_due()
 
-    def _writable(self) -> bool:
-        """Some completion is waiting and not set aside (_park)."""
-        if not self._done:
-            return False
-        now = time.monotonic()
-        return any(attempt.parked_until <= now for attempt, _ in self._done)
+    def _look_again_when_due(self) -> None:
+        """Wake the flusher when the first write set aside (_park) is due.
+        One timer at a time: each flush set one before, thousands of them
+        while a completion waited for a lock on a busy worker."""
+        parked = [attempt for attempt, _ in self._done]
+        parked += [failure.attempt for failure in self._failed]
+        if not parked or self._loop is None:
+            return
+        delay = max(0.0, min(a.parked_until for a in parked) - time.monotonic())
+        when = self._loop.time() + delay
+        timer = self._parked_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._parked_timer = self._loop.call_at(when, self._parked_due)
 
-    def _park(self, attempt: Attempt) -> None:
-        """Set a completion aside whose row another session holds locked
-        (55P03 after _lock_wait_ms, 0020): 1 s, then twice as long each time,
-        up to 30 s. Written with the others, it held them all up."""
+    def _parked_due(self) -> None:
+        self._parked_timer = None
+        if self._flush is not None:
+            self._flush.set()
+
+    def _park(self, attempt: Attempt, event: str) -> None:
+        """Set a completion or failure aside whose row another session holds
+        locked (55P03 after _lock_wait_ms, 0020): 1 s, then twice as long each
+        time, up to 30 s. Written with the others, it held them all up."""
         attempt.parked_until = time.monotonic() + min(30.0, 2.0**attempt.parks)
         attempt.parks += 1
         self._log.warning(
-            "complete_waits_for_lock",
+            event,
             job_id=attempt.job.id,
             detail="another session holds the job's row; tried again later",
         )
@@ -921,7 +947,7 @@ class Worker(JobExecution):
                 else await self._write_completions([item], quiet=True)
             )
             if isinstance(alone, LockNotAvailable):
-                self._park(item[0])
+                self._park(item[0], "complete_waits_for_lock")
                 parked.append(item)
             elif alone is not None and (
                 _unsent(item[0], alone) or self._complete_tried(item[0])
@@ -953,15 +979,19 @@ class Worker(JobExecution):
         whose write failed FAIL_TRIES times is given up, and its lease expires
         (reap then counts the attempt), as before failures were batched. Not
         when the connection was lost (or gave no answer): the batch is kept
-        whole, for the next try, and no write is counted against it.
+        whole, for the next try, and no write is counted against it. One whose
+        row another session holds locked is set aside (_park), as a completion
+        is: retried at once, it held up every write of the worker behind it.
         """
-        batch = self._failed[: self._fail_limit]
+        now = time.monotonic()
+        batch = [f for f in self._failed if f.attempt.parked_until <= now]
+        batch = batch[: self._fail_limit]
         error = await self._write_failures(batch)
         self._fail_limit = _next_limit(
             self._fail_limit, len(batch), error, FAIL_FLUSH_MAX
         )
         if error is None:
-            del self._failed[: len(batch)]
+            self._forget_failures(batch, [])
             return True
         if isinstance(error, psycopg.OperationalError) and not isinstance(
             error, LockNotAvailable
@@ -979,6 +1009,10 @@ class Worker(JobExecution):
             )
             if alone is None:
                 continue
+            if isinstance(alone, LockNotAvailable):
+                self._park(failure.attempt, "fail_waits_for_lock")
+                left.append(failure)
+                continue
             if _unsent(failure.attempt, alone):
                 left.append(failure)
                 continue
@@ -991,8 +1025,15 @@ class Worker(JobExecution):
                     job_id=failure.attempt.job.id,
                     detail="not recorded; the lease expires and reap counts it",
                 )
-        self._failed[: len(batch)] = left
-        return False
+        self._forget_failures(batch, left)
+        return not _due_now(failure.attempt for failure in left)
+
+    def _forget_failures(self, batch: list[Failure], left: list[Failure]) -> None:
+        """Take the failures of ``batch`` out of ``_failed``, but ``left``,
+        which go first (failures added meanwhile stay behind them)."""
+        written = {id(failure) for failure in batch}
+        rest = [failure for failure in self._failed if id(failure) not in written]
+        self._failed[:] = left + rest
 
     async def _write_completions(
         self, batch: list[tuple[Attempt, str | None]], *, quiet: bool = False
@@ -1221,8 +1262,9 @@ class Worker(JobExecution):
                 future.cancel()
             if cancelled:  # asyncio.wait refuses an empty list
                 await asyncio.wait(cancelled, timeout=1)
-        for attempt, _ in self._done:
-            attempt.parked_until = 0.0  # a last try for those set aside (_park)
+        # A last try for the completions and failures set aside (_park).
+        for attempt in [a for a, _ in self._done] + [f.attempt for f in self._failed]:
+            attempt.parked_until = 0.0
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_now(), 10)
         for task in background:

@@ -727,6 +727,61 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
         locker.close()
 
 
+def test_a_failure_whose_row_another_session_locked_holds_up_no_other(
+    dsn: str, business: Conn
+) -> None:
+    """A failure that meets a row lock is set aside, as a completion is: the
+    worker's other completions and failures are written meanwhile, and it
+    gets one last try when the worker stops. It was tried again and again,
+    the flusher sleeping up to 5 s between tries with every completion behind
+    it, and a stopping worker spent its 10 s final flush on it."""
+    app = pgqueue.App(dsn)
+    go = threading.Event()
+
+    @app.task(transactional=False, max_attempts=1)
+    async def held(ctx: pgqueue.JobContext) -> None:
+        await asyncio.to_thread(go.wait, 30)
+        raise ValueError("held")
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> int:
+        return 2
+
+    @app.task(transactional=False, max_attempts=1)
+    async def boom(ctx: pgqueue.JobContext) -> None:
+        raise ValueError("no")
+
+    locked = held.enqueue(business)
+    locker = psycopg.connect(dsn)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, lease_seconds=30, db_timeout=3.0) as worker,
+        ):
+            wait_until(lambda: job_state(business, locked) == "running")
+            locker.execute(
+                "select 1 from pgqueue.jobs where id = %s for update", [locked]
+            )
+            go.set()
+            wait_until(lambda: any(e["event"] == "fail_waits_for_lock" for e in events))
+            others = quick.enqueue_many(business, [{}] * 5)
+            failing = boom.enqueue(business)
+            wait_until(lambda: all(finished(business, i) for i in others), timeout=10)
+            wait_until(lambda: job_state(business, failing) == "dead", timeout=10)
+            assert job_state(business, locked) == "running"
+            stopping = time.monotonic()
+        # The last try waited 750 ms for the lock (a quarter of db_timeout).
+        assert time.monotonic() - stopping < 6
+        assert job_state(business, locked) == "running"  # its lease runs out
+        assert worker.counters.succeeded == 5
+        assert worker.counters.failed == 1
+        tries = [e for e in events if e["event"] == "fail_waits_for_lock"]
+        assert len(tries) >= 2  # set aside, then the last try at shutdown
+    finally:
+        go.set()
+        locker.close()
+
+
 def test_a_completion_set_aside_for_a_lock_gets_a_last_try_at_shutdown(
     dsn: str, business: Conn
 ) -> None:
