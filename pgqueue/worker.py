@@ -1270,6 +1270,8 @@ class Worker(JobExecution):
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if self._parked_timer is not None:  # the loop may be a host's, and live on
+            self._parked_timer.cancel()
         if self._registered:
             with contextlib.suppress(Exception):
                 await self._execute(self._stmts.unregister_worker, [self.worker_id])
