@@ -420,10 +420,7 @@ class Worker(JobExecution):
             self._signals_installed = True
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
-        await self._execute(
-            self._stmts.register_worker,
-            [self.worker_id, socket.gethostname(), os.getpid(), self.queues],
-        )
+        await self._register()
         self._registered = True
         self._log.info(
             "worker_started",
@@ -1138,11 +1135,21 @@ class Worker(JobExecution):
             self._log.warning("job_lease_expired", job_id=attempt.job.id)
         return bool(held)
 
+    async def _register(self) -> None:
+        await self._execute(
+            self._stmts.register_worker,
+            [self.worker_id, socket.gethostname(), os.getpid(), self.queues],
+        )
+
     async def _maintainer(self) -> None:
-        """Reap expired leases every reap_interval."""
+        """Reap expired leases every reap_interval, and register again: reap
+        deletes the rows of workers silent for an hour (a lease of 3 hours
+        heartbeats less often; a worker may come back from an hour stopped or
+        cut off), and this one's comes back within an interval (0021)."""
         while True:
             await asyncio.sleep(self.reap_interval)
             try:
+                await self._register()
                 reaped = await self._fetch(self._stmts.reap, [1000])
                 for job_id, state in reaped:
                     self._log.warning("job_reaped", job_id=job_id, state=state)

@@ -818,6 +818,47 @@ def test_a_completion_set_aside_for_a_lock_gets_a_last_try_at_shutdown(
         locker.close()
 
 
+def test_a_worker_whose_row_reap_deleted_registers_again(
+    dsn: str, business: Conn
+) -> None:
+    """reap deletes the rows of workers silent for an hour: a live worker
+    whose heartbeats are further apart (a lease of 3 hours or more), or that
+    came back from an hour stopped, was gone from pgqueue.workers for good.
+    It registers again at each reap now, keeping its start time."""
+    app = pgqueue.App(dsn)
+    row = "select started_at from pgqueue.workers where id = %s"
+    with running_worker(app, reap_interval=0.2) as worker:
+        wait_until(lambda: business.execute(row, [worker.worker_id]).fetchone())
+        started = business.execute(row, [worker.worker_id]).fetchone()
+        business.commit()
+        business.execute(
+            "delete from pgqueue.workers where id = %s", [worker.worker_id]
+        )
+        business.commit()
+        wait_until(lambda: business.execute(row, [worker.worker_id]).fetchone())
+        back = business.execute(row, [worker.worker_id]).fetchone()
+        assert back is not None and started is not None
+        # Deleted and registered anew: a fresh start (the row was gone).
+        assert back[0] >= started[0]
+        business.execute(
+            "update pgqueue.workers set last_seen = now() - interval '2 h'"
+            " where id = %s",
+            [worker.worker_id],
+        )
+        business.commit()
+        wait_until(
+            lambda: (
+                business.execute(
+                    "select last_seen > now() - interval '1 min' from pgqueue.workers"
+                    " where id = %s",
+                    [worker.worker_id],
+                ).fetchone()
+                == (True,)
+            )
+        )
+        assert business.execute(row, [worker.worker_id]).fetchone() == back
+
+
 def test_jobs_leased_ahead_are_handed_back_when_the_grace_begins(
     dsn: str, business: Conn
 ) -> None:

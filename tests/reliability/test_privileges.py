@@ -60,6 +60,14 @@ def test_roles(roles: dict[str, str], conn: psycopg.Connection[Any]) -> None:
             )
         # Queue options: the owner's, and a worker's (it changes the tables).
         owner.execute("select priv.configure_queue('fast', false)")
+        # Every function is granted by name: none is PUBLIC's (_forget_keys
+        # was, until 0021).
+        public = owner.execute(
+            "select array_agg(p.proname::text) from pg_proc p"
+            " where p.pronamespace = 'priv'::regnamespace"
+            " and has_function_privilege('public', p.oid, 'execute')"
+        ).fetchone()
+        assert public == (None,)
 
     # `pgqueue migrate` by a worker's role (no CREATE on the schema) on a
     # schema that is up to date: nothing to do, and no error.
@@ -192,8 +200,15 @@ def test_roles_granted_before_an_upgrade_keep_their_rights(
         # The listening locks (0016), and the key function they call.
         assert worker.execute("select priv.start_listening()").fetchone() == (True,)
         worker.execute("select priv.stop_listening()")
+        # What complete() calls for a queue that keeps no succeeded jobs
+        # (0005), granted by name since PUBLIC lost it (0021).
+        worker.execute("select priv._forget_keys('{}', '{}', '{}')")
     with psycopg.connect(roles["producer"], autocommit=True) as producer:
-        for query in [*QUEUE_SETTINGS, "select priv.start_listening()"]:
+        for query in [
+            *QUEUE_SETTINGS,
+            "select priv.start_listening()",
+            "select priv._forget_keys('{}', '{}', '{}')",
+        ]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 producer.execute(query)
         # Its INSERT on jobs narrowed to COPY's columns (0013), and COPY works.

@@ -1242,3 +1242,26 @@ def test_complete_waiting_gives_up_on_a_locked_row_and_completes_the_rest(
     assert one(conn, "show lock_timeout") == "0"
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="lock wait"):
         conn.execute("select pgqueue.complete_waiting(%s, %s, null, 0)", [ids, tokens])
+
+
+def test_a_worker_id_registered_again_describes_the_last_process(conn: Conn) -> None:
+    """A worker id registered again by another process (a fixed id reused
+    while the last process was in its grace) records the new process and its
+    start; the same process registering again (at every reap) keeps its start.
+    The first process's hostname, pid and queues stayed before 0021."""
+    row = "select hostname, pid, queues, started_at, last_seen from pgqueue.workers"
+    conn.execute("select pgqueue.register_worker('pod-0', 'host-a', 111, '{q}')")
+    conn.execute("update pgqueue.workers set started_at = now() - interval '1 h'")
+    first = conn.execute(row).fetchone()
+    assert first is not None
+    conn.commit()
+    conn.execute("select pgqueue.register_worker('pod-0', 'host-a', 111, '{q}')")
+    again = conn.execute(row).fetchone()
+    assert again is not None
+    assert again[:4] == first[:4] and again[4] > first[4]
+    conn.execute("select pgqueue.register_worker('pod-0', 'host-b', 222, '{q,r}')")
+    newer = conn.execute(row).fetchone()
+    assert newer is not None
+    assert newer[:3] == ("host-b", 222, ["q", "r"])
+    assert newer[3] > first[3]
+    assert one(conn, "select count(*) from pgqueue.workers") == 1
