@@ -135,6 +135,7 @@ _CHECKS = {
     "jobs_task_name": "invalid task name",
     "jobs_attempts": "max_attempts must be between 1 and 1000",
     "jobs_idempotency_key": "idempotency key must be 1 to 255 characters",
+    "jobs_run_at_range": "run_at must be between 0001-01-02 and 9999-12-30 UTC",
 }
 
 
@@ -156,7 +157,10 @@ def from_database(exc: psycopg.Error) -> Exception:
             err.__cause__ = exc
             return err
     if isinstance(exc, psycopg.errors.UntranslatableCharacter | psycopg.DataError):
-        err = InvalidJob(f"the database refused a value: {diag.message_primary}")
+        # A value psycopg could not read or send has no diagnostics of the
+        # server's: its own message says what it was.
+        detail = diag.message_primary or str(exc)
+        err = InvalidJob(f"the database refused a value: {detail}")
         err.__cause__ = exc
         return err
     return exc

@@ -30,6 +30,11 @@ MAX_ATTEMPTS_RANGE = (1, 1000)
 MAX_KEY_LENGTH = 255
 # Further out than this is a bug in the caller (or a unit mix-up), not a schedule.
 MAX_DELAY = timedelta(days=366 * 100)
+# What the table takes (0022): years Python reads, a day inside for any zone.
+RUN_AT_RANGE = (
+    datetime(1, 1, 2, tzinfo=timezone.utc),
+    datetime(9999, 12, 30, tzinfo=timezone.utc),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +121,15 @@ def _run_at(opts: Options) -> datetime | timedelta | None:
         try:
             # The worker reads run_at in UTC: a time Python cannot hold there
             # (9999-12-31 23:00 at -05:00) would fail every lease that met it.
-            opts.run_at.astimezone(timezone.utc)
+            in_utc = opts.run_at.astimezone(timezone.utc)
         except OverflowError:
+            in_utc = None
+        low, high = RUN_AT_RANGE
+        if in_utc is None or not low <= in_utc <= high:
             raise errors.InvalidJob(
-                f"run_at {opts.run_at.isoformat()} is out of range in UTC"
-            ) from None
+                f"run_at {opts.run_at.isoformat()} is out of range: between"
+                f" {low.date()} and {high.date()} UTC"
+            )
         return opts.run_at
     if opts.delay is None:
         return None

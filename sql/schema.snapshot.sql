@@ -1,4 +1,4 @@
--- pgqueue schema 'pgqueue', version 21
+-- pgqueue schema 'pgqueue', version 22
 create schema if not exists "pgqueue";
 create table if not exists "pgqueue".migrations (
     version    integer primary key,
@@ -3339,5 +3339,40 @@ comment on table "pgqueue".migrations is
     'The migrations applied to this schema (pgqueue migrate).';
 
 insert into "pgqueue".migrations (version, name) values (21, 'worker_rows_follow_their_process');
+commit;
+
+-- 0022_run_at_within_what_clients_read
+begin;
+-- pgqueue 0022: a job's run_at stays within the years clients can read.
+--
+-- Python's datetime holds years 1 to 9999. enqueue and enqueue_many took any
+-- run_at, 'infinity' and '-infinity' included, and so did a producer's COPY:
+-- a worker whose lease met such a row could not read the lease's answer,
+-- after the database had leased the whole batch, so every job leased with it
+-- waited out its lease and was reaped with an attempt counted (dead, with one
+-- attempt allowed), none of them run; 'infinity' made next_run_at's
+-- arithmetic fail at every poll, and '-infinity' that of queue_depth
+-- (pgqueue stats). The pgqueue Python API refused them already.
+--
+-- A day's margin on either side keeps the value readable in any time zone.
+-- Rows already out of range are brought to its edge first, so that a lease
+-- that meets one can write it. NOT VALID: the check holds for every row
+-- written from here on without a scan under the table's strongest lock.
+update "pgqueue".jobs
+   set run_at = greatest(
+           least(run_at, timestamptz '9999-12-30 00:00:00+00'),
+           timestamptz '0001-01-02 00:00:00+00')
+ where not (run_at >= timestamptz '0001-01-02 00:00:00+00'
+            and run_at <= timestamptz '9999-12-30 00:00:00+00');
+
+alter table "pgqueue".jobs
+    add constraint jobs_run_at_range check (
+        run_at >= timestamptz '0001-01-02 00:00:00+00'
+        and run_at <= timestamptz '9999-12-30 00:00:00+00') not valid;
+comment on constraint jobs_run_at_range on "pgqueue".jobs is
+    'run_at within the years clients read (Python: 1 to 9999), a day inside '
+    'them for any time zone.';
+
+insert into "pgqueue".migrations (version, name) values (22, 'run_at_within_what_clients_read');
 commit;
 

@@ -362,9 +362,9 @@ def test_a_bulk_enqueue_at_the_end_of_time_works_in_any_session_time_zone(
     app: pgqueue.App, dsn: str, conn: Conn
 ) -> None:
     send = app.tasks["send"]
-    late = datetime(9999, 12, 31, 22, tzinfo=timezone.utc)
+    late = datetime(9999, 12, 30, tzinfo=timezone.utc)  # the latest (0022)
     with psycopg.connect(dsn, autocommit=True) as tokyo:
-        tokyo.execute("set timezone to 'Asia/Tokyo'")  # 10000-01-01 there
+        tokyo.execute("set timezone to 'Asia/Tokyo'")  # 09:00 there
         tokyo.execute("set datestyle to 'SQL, DMY'")
         ids = send.options(run_at=late).enqueue_many(tokyo, [{"to": "x"}] * 600)
     rows = conn.execute(
@@ -379,8 +379,17 @@ def test_a_bulk_enqueue_at_the_end_of_time_works_in_any_session_time_zone(
         {"delay": timedelta(days=-366 * 101)},
         {"delay": -(10.0**10)},
         {"run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))},
+        # Readable in UTC, not in every zone: the table's range (0022).
+        {"run_at": datetime(9999, 12, 31, 22, tzinfo=timezone.utc)},
+        {"run_at": datetime(1, 1, 1, 12, tzinfo=timezone.utc)},
     ],
-    ids=["timedelta-in-the-past", "seconds-in-the-past", "past-9999-in-utc"],
+    ids=[
+        "timedelta-in-the-past",
+        "seconds-in-the-past",
+        "past-9999-in-utc",
+        "last-day",
+        "first-day",
+    ],
 )
 def test_times_a_worker_could_not_read_are_refused(
     app: pgqueue.App, conn: Conn, when: dict[str, Any]

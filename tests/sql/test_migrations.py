@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,33 @@ def test_0010_keeps_an_index_built_beforehand_and_refuses_an_invalid_one(
         "finished_jobs_pkey",
     ]
     assert "finished_at DESC" in dict(indexes)["finished_jobs_finished_idx"]
+
+
+def test_0022_brings_run_at_into_range_and_keeps_it_there(
+    conn: psycopg.Connection[Any], other_schema: str
+) -> None:
+    """Rows written before 0022 with a run_at no client can read are moved to
+    the edge of the range, so that a lease can write them and a worker read
+    them; after it, such a run_at is refused."""
+    migrations.migrate(conn, other_schema, target=21)
+    ids = [
+        conn.execute(
+            "select tenant_b.enqueue('t', '{}', 'q', 0, %s::timestamptz)", [when]
+        ).fetchone()
+        for when in ("-infinity", "0001-01-01 00:00+00", "infinity")
+    ]
+    migrations.migrate(conn, other_schema)
+    rows = conn.execute("select id, run_at from tenant_b.jobs order by id").fetchall()
+    assert [r[0] for r in rows] == [i[0] for i in ids if i is not None]
+    low = datetime(1, 1, 2, tzinfo=timezone.utc)
+    high = datetime(9999, 12, 30, tzinfo=timezone.utc)
+    assert [r[1] for r in rows] == [low, low, high]
+    leased = conn.execute(
+        "select id, run_at from tenant_b.lease(array['q'], 10, 'w', 60)"
+    ).fetchall()
+    assert sorted(leased) == sorted(rows[:2])
+    for when in ("-infinity", "infinity", "9999-12-31 00:00+00"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_run_at_range"):
+            conn.execute(
+                "select tenant_b.enqueue('t', '{}', 'q', 0, %s::timestamptz)", [when]
+            )
