@@ -76,8 +76,16 @@ class App:
     ) -> None:
         self._dsn = dsn
         self.schema = check_schema_name(schema)
-        if max_payload_bytes is not None and max_payload_bytes <= 0:
-            raise ConfigurationError("max_payload_bytes must be positive or None")
+        if max_payload_bytes is not None and (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes <= 0
+        ):
+            # NaN compared false with everything: no limit at all.
+            raise ConfigurationError(
+                f"max_payload_bytes must be a positive int or None,"
+                f" got {max_payload_bytes!r}"
+            )
         self.max_payload_bytes = max_payload_bytes
         self.tasks: dict[str, Task] = {}
 

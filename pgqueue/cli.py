@@ -17,6 +17,7 @@ from pgqueue import _sql, migrations
 from pgqueue.app import App, resolve_dsn
 from pgqueue.errors import ConfigurationError, PgqueueError, from_database
 from pgqueue.jobs import JobState
+from pgqueue.limits import MAX_SECONDS, MIN_LEASE
 
 MAX_HOURS = 24 * 365 * 100  # retention options: larger overflows a timedelta
 
@@ -155,10 +156,21 @@ def worker(
             help="Transactional jobs per shared transaction and completion.",
         ),
     ] = 1,
-    lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,
-    poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+    lease: Annotated[
+        float,
+        typer.Option(min=MIN_LEASE, max=MAX_SECONDS, help="Lease length in seconds."),
+    ] = 30.0,
+    poll_interval: Annotated[
+        float,
+        typer.Option(min=0.01, max=MAX_SECONDS, help="Seconds between polls."),
+    ] = 1.0,
     grace: Annotated[
-        float, typer.Option(help="Seconds in-flight jobs get to finish on SIGTERM.")
+        float,
+        typer.Option(
+            min=0,
+            max=MAX_SECONDS,
+            help="Seconds in-flight jobs get to finish on SIGTERM.",
+        ),
     ] = 30.0,
     until_empty: Annotated[
         bool, typer.Option(help="Exit when no job is due and none is running.")

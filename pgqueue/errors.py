@@ -39,8 +39,9 @@ class PgqueueError(Exception):
             setattr(self, name, value)
 
 
-class ConfigurationError(PgqueueError):
-    """pgqueue is not configured correctly."""
+class ConfigurationError(PgqueueError, ValueError):
+    """pgqueue is not configured correctly (a ValueError too: a backoff's
+    bad setting raised a bare ValueError before)."""
 
 
 class SchemaOutOfDate(PgqueueError):

@@ -36,7 +36,8 @@ class Migration:
 
 def check_schema_name(schema: str) -> str:
     """Return ``schema`` if it is a plain lower-case identifier, else raise."""
-    if not SCHEMA_NAME.fullmatch(schema):  # match() took "pgqueue\n"
+    if not isinstance(schema, str) or not SCHEMA_NAME.fullmatch(schema):
+        # (fullmatch: match() took "pgqueue\n")
         raise ConfigurationError(
             f"invalid schema name {schema!r}: use lower-case letters, digits and _"
         )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from math import inf
 from typing import Protocol
+
+from pgqueue.errors import ConfigurationError
 
 
 class RetryPolicy(Protocol):
@@ -30,10 +33,16 @@ class ExponentialBackoff:
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.factor < 1 or self.max_delay < 0:
-            raise ValueError("backoff needs base >= 0, factor >= 1, max_delay >= 0")
+        # Written so that NaN fails each (it compares false with everything).
+        numbers = (self.base, self.factor, self.max_delay, self.jitter)
+        if any(isinstance(n, bool) or not isinstance(n, int | float) for n in numbers):
+            raise ConfigurationError(f"backoff settings must be numbers: {self!r}")
+        if not (self.base >= 0 and self.factor >= 1 and 0 <= self.max_delay < inf):
+            raise ConfigurationError(
+                "backoff needs base >= 0, factor >= 1 and a finite max_delay >= 0"
+            )
         if not 0 <= self.jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
+            raise ConfigurationError("jitter must be between 0 and 1")
 
     def delay(self, attempt: int) -> float:
         exponent = min(max(attempt - 1, 0), 64)

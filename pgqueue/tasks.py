@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgqueue import producer
 from pgqueue.errors import ConfigurationError
+from pgqueue.limits import MAX_SECONDS
 from pgqueue.retry import ExponentialBackoff, RetryPolicy
 
 if TYPE_CHECKING:
@@ -169,11 +170,27 @@ def make_task(
     options: producer.Options,
 ) -> Task:
     """Build a task, checking its name and options before anything runs."""
-    task_name = name or func.__name__
-    if not TASK_NAME.fullmatch(task_name):
+    task_name = func.__name__ if name is None else name
+    if not isinstance(task_name, str) or not TASK_NAME.fullmatch(task_name):
         raise ConfigurationError(f"invalid task name {task_name!r}")
-    if timeout is not None and timeout <= 0:
-        raise ConfigurationError("timeout must be a positive number of seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_SECONDS  # NaN fails this: it timed out at random
+    ):
+        raise ConfigurationError(
+            f"timeout must be a number of seconds above 0 and up to {MAX_SECONDS:g}"
+            f" (None: no timeout), got {timeout!r}"
+        )
+    if not isinstance(transactional, bool):
+        raise ConfigurationError(
+            f"transactional must be True or False, got {transactional!r}"
+        )
+    if retry is not None and not callable(getattr(retry, "delay", None)):
+        # The worker fell back to the default backoff without a word.
+        raise ConfigurationError(
+            f"retry must be a RetryPolicy (with a delay(attempt) method), got {retry!r}"
+        )
     producer.check_options(options)
     _shape(func)  # fail at registration if the signature cannot be read
     return Task(

@@ -56,6 +56,7 @@ from pgqueue.execution import (
 )
 from pgqueue.handler_conn import AsyncHandlerConnection, close_anyway
 from pgqueue.jobs import Job, jobs_from_lease
+from pgqueue.limits import MAX_SECONDS, MIN_LEASE
 from pgqueue.liveness import NoAnswer, fetch_within, with_liveness_defaults
 from pgqueue.log import get_logger, is_info_enabled
 from pgqueue.txbatch import TxBatcher
@@ -106,8 +107,6 @@ def _next_limit(limit: int, sent: int, error: Exception | None, most: int) -> in
 
 # Seconds before a failed heartbeat is tried again.
 HEARTBEAT_RETRY = 0.5
-# The longest lease, interval, grace or timeout a worker takes: a year.
-MAX_SECONDS = 366 * 24 * 3600.0
 
 # A batch that falls back to savepoints gives each job that wrote a
 # subtransaction id; past 64 in one transaction PostgreSQL's per-backend cache
@@ -232,8 +231,14 @@ class Worker(JobExecution):
             )
         if retention is not None and retention > timedelta(days=366 * 100):
             raise ConfigurationError(f"retention is over 100 years: {retention}")
-        if lease_seconds <= 0 or poll_interval <= 0:
-            raise ConfigurationError("lease, poll interval and grace must be positive")
+        if lease_seconds < MIN_LEASE:
+            raise ConfigurationError(
+                f"lease_seconds must be at least {MIN_LEASE:g}, got {lease_seconds}"
+            )
+        if poll_interval <= 0:
+            raise ConfigurationError(
+                f"poll_interval must be positive, got {poll_interval}"
+            )
         if db_timeout is not None and not db_timeout > 0:
             raise ConfigurationError(f"db_timeout must be positive, got {db_timeout}")
         if not queues:

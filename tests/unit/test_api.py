@@ -54,6 +54,67 @@ def test_task_registration_checks_names_and_duplicates() -> None:
         app.task(name="t", timeout=0)(lambda ctx: None)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": float("nan")},  # it timed out at random, mates' jobs lost
+        {"timeout": float("inf")},
+        {"timeout": -1},
+        {"timeout": "5"},
+        {"timeout": True},
+        {"name": ""},  # the function's name, silently
+        {"name": 5},
+        {"transactional": "no"},  # counted as true
+        {"retry": "x"},  # the default backoff, silently
+        {"retry": 5},
+    ],
+    ids=repr,
+)
+def test_task_options_that_would_misbehave_are_refused(
+    options: dict[str, object],
+) -> None:
+    app = pgqueue.App("postgresql://unused")
+    with pytest.raises(ConfigurationError):
+        app.task(**options)(lambda ctx: None)  # type: ignore[call-overload]
+    assert app.tasks == {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_payload_bytes": float("nan")},  # no limit at all
+        {"max_payload_bytes": "10"},
+        {"max_payload_bytes": 0},
+        {"schema": None},
+    ],
+    ids=repr,
+)
+def test_app_settings_that_would_misbehave_are_refused(
+    options: dict[str, object],
+) -> None:
+    with pytest.raises(ConfigurationError):
+        pgqueue.App("postgresql://unused", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"base": float("nan")},
+        {"max_delay": float("nan")},
+        {"max_delay": float("inf")},
+        {"factor": 0.5},
+        {"jitter": 2},
+        {"base": "1"},
+    ],
+    ids=repr,
+)
+def test_backoff_settings_that_would_misbehave_are_refused(
+    settings: dict[str, object],
+) -> None:
+    with pytest.raises(ConfigurationError):
+        pgqueue.ExponentialBackoff(**settings)  # type: ignore[arg-type]
+
+
 def test_bad_schema_name_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="invalid schema name"):
         pgqueue.App(schema='x"; drop')
