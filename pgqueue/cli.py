@@ -54,6 +54,19 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+# What a statement on a database without the schema raises: a table's name,
+# or a function's schema (retry, cancel, enqueue).
+_NO_SCHEMA = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.UndefinedFunction,
+)
+
+
+def _no_schema() -> NoReturn:
+    _fail(f"no pgqueue schema {_settings.schema!r} here: run `pgqueue migrate`")
+
+
 @cli.callback()
 def _options(
     dsn: Annotated[
@@ -71,7 +84,9 @@ def _options(
     _settings.dsn_given = dsn is not None
     _settings.schema_given = schema is not None
     try:
-        _settings.schema = migrations.check_schema_name(schema or "pgqueue")
+        _settings.schema = migrations.check_schema_name(
+            "pgqueue" if schema is None else schema
+        )
     except ConfigurationError as exc:
         _fail(str(exc))
 
@@ -121,10 +136,17 @@ def _load_app(target: str) -> App:
     # Like uvicorn and celery, find modules in the current directory.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if module_name.startswith("."):
+        _fail(f"give the module's absolute name, not {module_name!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _fail(f"cannot import {module_name!r}: {exc}")
+    except Exception as exc:  # the module's own code raised, or does not parse
+        _fail(
+            f"importing {module_name!r} raised {type(exc).__name__}: {_one_line(exc)}"
+            f" (`python -c 'import {module_name}'` shows where)"
+        )
     app = getattr(module, attr or "app", None)
     if not isinstance(app, App):
         _fail(f"{target!r} is not a pgqueue.App")
@@ -305,14 +327,16 @@ def enqueue(
             )
         except PgqueueError as exc:
             _fail(str(exc))
+        except _NO_SCHEMA:
+            _no_schema()
     typer.echo(job_id)
 
 
 def _fetch(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[Any]:
     try:
         return conn.execute(query, params).fetchall()
-    except psycopg.errors.UndefinedTable:
-        _fail(f"no pgqueue schema {_settings.schema!r} here: run `pgqueue migrate`")
+    except _NO_SCHEMA:
+        _no_schema()
     except psycopg.Error as exc:
         mapped = from_database(exc)
         if isinstance(mapped, PgqueueError):
@@ -434,8 +458,10 @@ def retry(
     ] = None,
 ) -> None:
     """Queue a dead job again (or every dead job of a queue)."""
-    if (job_id is None) == (all_dead is None):
+    if job_id is None and all_dead is None:
         _fail("give a job id or --all-dead QUEUE")
+    if job_id is not None and all_dead is not None:
+        _fail("give a job id or --all-dead QUEUE, not both")
     stmts = _sql.statements(_settings.schema)
     with _connect() as conn:
         if job_id is not None:
@@ -570,4 +596,13 @@ def main() -> None:
         sys.exit(1)
     except psycopg.Error as exc:
         typer.echo(f"error: database: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    except UnicodeEncodeError as exc:
+        # An argument of bytes that are not UTF-8 (Python keeps them as lone
+        # surrogates), met as it was sent: nothing was written.
+        typer.echo(
+            f"error: {exc.object[exc.start : exc.end]!r} in an argument is not"
+            " text (bytes that are not UTF-8?)",
+            err=True,
+        )
         sys.exit(1)

@@ -41,6 +41,8 @@ def check_schema_name(schema: str) -> str:
         raise ConfigurationError(
             f"invalid schema name {schema!r}: use lower-case letters, digits and _"
         )
+    if schema.startswith("pg_") or schema == "information_schema":
+        raise ConfigurationError(f"schema {schema!r} is PostgreSQL's own: pick another")
     return schema
 
 

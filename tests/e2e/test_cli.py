@@ -358,6 +358,14 @@ def test_a_queue_can_discard_succeeded_jobs(
         (["enqueue", "t", "--args", '{"a": ' + "9" * 5000 + "}"], "cannot be read"),
         (["enqueue", "t", "--args", "[" * 100_000], "cannot be read"),
         (["--schema", "pgqueue\n", "stats"], "invalid schema name"),
+        (["--schema", "", "stats"], "invalid schema name"),  # was pgqueue
+        (["--schema", "information_schema", "migrate"], "PostgreSQL's own"),
+        (["--schema", "nosuch", "retry", "1"], "run `pgqueue migrate`"),
+        (["--schema", "nosuch", "cancel", "1"], "run `pgqueue migrate`"),
+        (["--schema", "nosuch", "enqueue", "t"], "run `pgqueue migrate`"),
+        (["retry", "1", "--all-dead", "q"], "not both"),
+        (["jobs", "--task", "\udcff"], "is not text"),  # the byte 0xff
+        (["worker", ".relative:app"], "absolute name"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(
@@ -370,6 +378,24 @@ def test_user_errors_are_one_line_without_traceback(
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "raised"),
+    [
+        ("raise RuntimeError('no config')\n", "RuntimeError: no config"),
+        ("def broken(:\n", "SyntaxError"),
+    ],
+)
+def test_an_app_module_that_fails_to_import_is_one_line(
+    dsn: str, tmp_path: Path, source: str, raised: str
+) -> None:
+    (tmp_path / "failing.py").write_text(source)
+    result = cli(dsn, "worker", "failing:app", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: importing 'failing' raised ")
+    assert raised in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize(
