@@ -358,8 +358,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Per queue: queued, scheduled, running, succeeded, dead, oldest queued age,
-    and whether it is paused."""
+    """Per queue: queued, scheduled, running, succeeded, dead, cancelled,
+    oldest queued age, and whether it is paused."""
     stmts = _sql.statements(_settings.schema)
     with _connect() as conn:
         rows = _fetch(conn, stmts.queue_depth)

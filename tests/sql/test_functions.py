@@ -882,6 +882,27 @@ def test_prune_refuses_a_negative_limit(conn: Conn) -> None:
         one(conn, "select pgqueue.prune(interval '1 day', -1)")
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "pgqueue.prune(interval '-1 hour')",  # deleted every finished job
+        "pgqueue.prune(null)",  # deleted nothing, silently
+        "pgqueue.prune(interval '1 s', 10, null)",
+    ],
+)
+def test_prune_refuses_an_age_that_is_negative_or_missing(
+    conn: Conn, call: str
+) -> None:
+    job = enqueue(conn)
+    (job_id, token, _), *_ = lease(conn)
+    conn.execute("select pgqueue.complete(array[%s], array[%s])", [job_id, token])
+    conn.commit()
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        one(conn, f"select {call}")
+    conn.rollback()
+    assert state(conn, job) == "succeeded"
+
+
 def test_enqueue_many_in_order_with_keys(conn: Conn) -> None:
     rows = conn.execute(
         "select id, created from pgqueue.enqueue_many(%s, %s::jsonb[], null, null, null, null, %s)",
