@@ -312,6 +312,8 @@ def enqueue(
         except ValueError:
             _fail(f"--run-at is not an ISO 8601 time: {run_at!r}")
     payload = _parse_json(args)
+    if not isinstance(payload, dict):  # null, too: it meant {} to enqueue
+        _fail(f"--args must be a JSON object, got {args!r}")
     with _connect() as conn:
         try:
             job_id = _app().enqueue(

@@ -332,7 +332,8 @@ def test_a_queue_can_discard_succeeded_jobs(
     ("args", "message"),
     [
         (["enqueue", "t", "--args", "{not json"], "--args is not valid JSON"),
-        (["enqueue", "t", "--args", "[1, 2]"], "args must be a mapping"),
+        (["enqueue", "t", "--args", "[1, 2]"], "must be a JSON object"),
+        (["enqueue", "t", "--args", "null"], "must be a JSON object"),
         (["enqueue", "t", "--queue", "bad queue"], "invalid queue name"),
         (["enqueue", "bad task"], "invalid task name"),
         (["enqueue", "t", "--run-at", "2030-01-01T00:00:00"], "naive datetime"),
