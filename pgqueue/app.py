@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -78,12 +80,12 @@ class App:
         self.schema = check_schema_name(schema)
         if max_payload_bytes is not None and (
             isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, int)
-            or max_payload_bytes <= 0
+            or not isinstance(max_payload_bytes, numbers.Real)
+            or not 0 < max_payload_bytes < math.inf
         ):
             # NaN compared false with everything: no limit at all.
             raise ConfigurationError(
-                f"max_payload_bytes must be a positive int or None,"
+                f"max_payload_bytes must be a positive number or None,"
                 f" got {max_payload_bytes!r}"
             )
         self.max_payload_bytes = max_payload_bytes

@@ -64,7 +64,10 @@ _NO_SCHEMA = (
 
 
 def _no_schema() -> NoReturn:
-    _fail(f"no pgqueue schema {_settings.schema!r} here: run `pgqueue migrate`")
+    _fail(
+        f"no pgqueue schema {_settings.schema!r} here, or one older than this"
+        " code: run `pgqueue migrate`"
+    )
 
 
 @cli.callback()
@@ -603,8 +606,9 @@ def main() -> None:
         # An argument of bytes that are not UTF-8 (Python keeps them as lone
         # surrogates), met as it was sent: nothing was written.
         typer.echo(
-            f"error: {exc.object[exc.start : exc.end]!r} in an argument is not"
-            " text (bytes that are not UTF-8?)",
+            f"error: {exc.object[exc.start : exc.end]!r} cannot be encoded"
+            f" ({exc.encoding}): an argument's bytes that are not UTF-8, or"
+            " output the terminal cannot show",
             err=True,
         )
         sys.exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from math import inf
+from numbers import Real
 from typing import Protocol
 
 from pgqueue.errors import ConfigurationError
@@ -35,7 +36,7 @@ class ExponentialBackoff:
     def __post_init__(self) -> None:
         # Written so that NaN fails each (it compares false with everything).
         numbers = (self.base, self.factor, self.max_delay, self.jitter)
-        if any(isinstance(n, bool) or not isinstance(n, int | float) for n in numbers):
+        if any(isinstance(n, bool) or not isinstance(n, Real) for n in numbers):
             raise ConfigurationError(f"backoff settings must be numbers: {self!r}")
         if not (self.base >= 0 and self.factor >= 1 and 0 <= self.max_delay < inf):
             raise ConfigurationError(
@@ -46,6 +47,9 @@ class ExponentialBackoff:
 
     def delay(self, attempt: int) -> float:
         exponent = min(max(attempt - 1, 0), 64)
-        nominal = min(self.max_delay, self.base * self.factor**exponent)
+        try:
+            nominal = min(self.max_delay, self.base * self.factor**exponent)
+        except OverflowError:  # a large factor: the cap all the same
+            nominal = self.max_delay
         spread = 1.0 + self.jitter * (2.0 * random.random() - 1.0)
         return min(self.max_delay, nominal * spread)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -175,7 +176,7 @@ def make_task(
         raise ConfigurationError(f"invalid task name {task_name!r}")
     if timeout is not None and (
         isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
+        or not isinstance(timeout, numbers.Real)
         or not 0 < timeout <= MAX_SECONDS  # NaN fails this: it timed out at random
     ):
         raise ConfigurationError(
@@ -186,7 +187,10 @@ def make_task(
         raise ConfigurationError(
             f"transactional must be True or False, got {transactional!r}"
         )
-    if retry is not None and not callable(getattr(retry, "delay", None)):
+    if retry is not None and (
+        isinstance(retry, type)  # the class, not an instance: delay() lacks self
+        or not callable(getattr(retry, "delay", None))
+    ):
         # The worker fell back to the default backoff without a word.
         raise ConfigurationError(
             f"retry must be a RetryPolicy (with a delay(attempt) method), got {retry!r}"
@@ -198,7 +202,7 @@ def make_task(
         func=func,
         name=task_name,
         transactional=transactional,
-        timeout=timeout,
+        timeout=None if timeout is None else float(timeout),
         retry=retry or ExponentialBackoff(),
         defaults=options,
         is_async=inspect.iscoroutinefunction(func),

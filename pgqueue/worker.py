@@ -1154,12 +1154,15 @@ class Worker(JobExecution):
         while True:
             await asyncio.sleep(self.reap_interval)
             try:
-                await self._register()
                 reaped = await self._fetch(self._stmts.reap, [1000])
                 for job_id, state in reaped:
                     self._log.warning("job_reaped", job_id=job_id, state=state)
             except Exception as exc:
                 self._log.warning("maintenance_failed", error=repr(exc))
+            try:  # apart: a failure here never holds up the reaping
+                await self._register()
+            except Exception as exc:
+                self._log.warning("register_failed", error=repr(exc))
 
     async def _pruner(self, older_than: float) -> None:
         """Prune finished jobs soon after start, then about every prune_interval.

@@ -365,7 +365,7 @@ def test_a_queue_can_discard_succeeded_jobs(
         (["--schema", "nosuch", "cancel", "1"], "run `pgqueue migrate`"),
         (["--schema", "nosuch", "enqueue", "t"], "run `pgqueue migrate`"),
         (["retry", "1", "--all-dead", "q"], "not both"),
-        (["jobs", "--task", "\udcff"], "is not text"),  # the byte 0xff
+        (["jobs", "--task", "\udcff"], "cannot be encoded"),  # the byte 0xff
         (["worker", ".relative:app"], "absolute name"),
     ],
 )

@@ -67,6 +67,7 @@ def test_task_registration_checks_names_and_duplicates() -> None:
         {"transactional": "no"},  # counted as true
         {"retry": "x"},  # the default backoff, silently
         {"retry": 5},
+        {"retry": pgqueue.ExponentialBackoff},  # the class: delay() lacks self
     ],
     ids=repr,
 )
@@ -77,6 +78,19 @@ def test_task_options_that_would_misbehave_are_refused(
     with pytest.raises(ConfigurationError):
         app.task(**options)(lambda ctx: None)  # type: ignore[call-overload]
     assert app.tasks == {}
+
+
+def test_settings_of_any_real_number_type_are_taken() -> None:
+    """Numbers that are not int or float (a Fraction, numpy's) still count."""
+    from fractions import Fraction
+
+    app = pgqueue.App("postgresql://unused", max_payload_bytes=1e6)
+    task = app.task(name="t", timeout=Fraction(3, 2))(lambda ctx: None)
+    assert task.timeout == 1.5 and isinstance(task.timeout, float)
+    backoff = pgqueue.ExponentialBackoff(base=Fraction(1, 2), factor=1e20)
+    # factor ** 29 overflows a float: the cap (with its jitter), not an
+    # OverflowError, which the worker met by falling back to the default.
+    assert backoff.max_delay / 2 <= backoff.delay(30) <= backoff.max_delay
 
 
 @pytest.mark.parametrize(
