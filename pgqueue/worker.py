@@ -1153,16 +1153,18 @@ class Worker(JobExecution):
         cut off), and this one's comes back within an interval (0021)."""
         while True:
             await asyncio.sleep(self.reap_interval)
+            # First, so that its own reap never deletes its row; apart, so
+            # that a failure here never holds up the reaping.
+            try:
+                await self._register()
+            except Exception as exc:
+                self._log.warning("register_failed", error=repr(exc))
             try:
                 reaped = await self._fetch(self._stmts.reap, [1000])
                 for job_id, state in reaped:
                     self._log.warning("job_reaped", job_id=job_id, state=state)
             except Exception as exc:
                 self._log.warning("maintenance_failed", error=repr(exc))
-            try:  # apart: a failure here never holds up the reaping
-                await self._register()
-            except Exception as exc:
-                self._log.warning("register_failed", error=repr(exc))
 
     async def _pruner(self, older_than: float) -> None:
         """Prune finished jobs soon after start, then about every prune_interval.

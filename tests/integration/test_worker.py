@@ -669,6 +669,30 @@ def test_an_idle_worker_does_not_spin_on_a_due_job_another_session_locked(
         locker.close()
 
 
+def _quick_and_boom(app: pgqueue.App) -> tuple[pgqueue.Task, pgqueue.Task]:
+    """A task that succeeds and one that fails for good, at once."""
+
+    @app.task(transactional=False)
+    async def quick(ctx: pgqueue.JobContext) -> int:
+        return 2
+
+    @app.task(transactional=False, max_attempts=1)
+    async def boom(ctx: pgqueue.JobContext) -> None:
+        raise ValueError("no")
+
+    return quick, boom
+
+
+def _others_are_written(
+    business: Conn, quick: pgqueue.Task, boom: pgqueue.Task
+) -> None:
+    """Five completions and a failure of the running worker are written."""
+    others = quick.enqueue_many(business, [{}] * 5)
+    failing = boom.enqueue(business)
+    wait_until(lambda: all(finished(business, i) for i in others), timeout=10)
+    wait_until(lambda: job_state(business, failing) == "dead", timeout=10)
+
+
 @pytest.mark.parametrize("db_timeout", [None, 3.0], ids=["default", "short-deadline"])
 def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
     dsn: str, business: Conn, db_timeout: float | None
@@ -689,14 +713,7 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
         returned.set()
         return 1
 
-    @app.task(transactional=False)
-    async def quick(ctx: pgqueue.JobContext) -> int:
-        return 2
-
-    @app.task(transactional=False, max_attempts=1)
-    async def boom(ctx: pgqueue.JobContext) -> None:
-        raise ValueError("no")
-
+    quick, boom = _quick_and_boom(app)
     locked = held.enqueue(business)
     locker = psycopg.connect(dsn)
     try:
@@ -710,10 +727,7 @@ def test_a_completion_whose_row_another_session_locked_holds_up_no_other(
             )
             go.set()
             assert returned.wait(10)
-            others = quick.enqueue_many(business, [{}] * 5)
-            failing = boom.enqueue(business)
-            wait_until(lambda: all(finished(business, i) for i in others), timeout=10)
-            wait_until(lambda: job_state(business, failing) == "dead", timeout=10)
+            _others_are_written(business, quick, boom)
             assert job_state(business, locked) == "running"
             assert any(e["event"] == "complete_waits_for_lock" for e in events)
             locker.rollback()
@@ -743,14 +757,7 @@ def test_a_failure_whose_row_another_session_locked_holds_up_no_other(
         await asyncio.to_thread(go.wait, 30)
         raise ValueError("held")
 
-    @app.task(transactional=False)
-    async def quick(ctx: pgqueue.JobContext) -> int:
-        return 2
-
-    @app.task(transactional=False, max_attempts=1)
-    async def boom(ctx: pgqueue.JobContext) -> None:
-        raise ValueError("no")
-
+    quick, boom = _quick_and_boom(app)
     locked = held.enqueue(business)
     locker = psycopg.connect(dsn)
     try:
@@ -764,10 +771,7 @@ def test_a_failure_whose_row_another_session_locked_holds_up_no_other(
             )
             go.set()
             wait_until(lambda: any(e["event"] == "fail_waits_for_lock" for e in events))
-            others = quick.enqueue_many(business, [{}] * 5)
-            failing = boom.enqueue(business)
-            wait_until(lambda: all(finished(business, i) for i in others), timeout=10)
-            wait_until(lambda: job_state(business, failing) == "dead", timeout=10)
+            _others_are_written(business, quick, boom)
             assert job_state(business, locked) == "running"
             stopping = time.monotonic()
         # The last try waited 750 ms for the lock (a quarter of db_timeout).
