@@ -828,22 +828,20 @@ def test_a_worker_whose_row_reap_deleted_registers_again(
     """reap deletes the rows of workers silent for an hour: a live worker
     whose heartbeats are further apart (a lease of 3 hours or more), or that
     came back from an hour stopped, was gone from pgqueue.workers for good.
-    It registers again at each reap now, keeping its start time."""
+    It registers again at each reap now: a row deleted comes back, and one
+    that looks an hour old is fresh again (kept, or deleted by a reap and
+    registered anew; register_worker's own test covers what it keeps)."""
     app = pgqueue.App(dsn)
-    row = "select started_at from pgqueue.workers where id = %s"
+    fresh = (
+        "select last_seen > now() - interval '1 min' from pgqueue.workers where id = %s"
+    )
     with running_worker(app, reap_interval=0.2) as worker:
-        wait_until(lambda: business.execute(row, [worker.worker_id]).fetchone())
-        started = business.execute(row, [worker.worker_id]).fetchone()
-        business.commit()
+        wait_until(lambda: business.execute(fresh, [worker.worker_id]).fetchone())
         business.execute(
             "delete from pgqueue.workers where id = %s", [worker.worker_id]
         )
         business.commit()
-        wait_until(lambda: business.execute(row, [worker.worker_id]).fetchone())
-        back = business.execute(row, [worker.worker_id]).fetchone()
-        assert back is not None and started is not None
-        # Deleted and registered anew: a fresh start (the row was gone).
-        assert back[0] >= started[0]
+        wait_until(lambda: business.execute(fresh, [worker.worker_id]).fetchone())
         business.execute(
             "update pgqueue.workers set last_seen = now() - interval '2 h'"
             " where id = %s",
@@ -851,16 +849,8 @@ def test_a_worker_whose_row_reap_deleted_registers_again(
         )
         business.commit()
         wait_until(
-            lambda: (
-                business.execute(
-                    "select last_seen > now() - interval '1 min' from pgqueue.workers"
-                    " where id = %s",
-                    [worker.worker_id],
-                ).fetchone()
-                == (True,)
-            )
+            lambda: business.execute(fresh, [worker.worker_id]).fetchone() == (True,)
         )
-        assert business.execute(row, [worker.worker_id]).fetchone() == back
 
 
 def test_jobs_leased_ahead_are_handed_back_when_the_grace_begins(
@@ -1467,6 +1457,58 @@ def test_a_paused_queue_waits_and_resuming_it_wakes_the_worker(
         conn.execute("select pgqueue.resume_queue('default')")
         wait_until(lambda: len(ran) == 3, timeout=10)
     assert sorted(ran) == ids
+
+
+def test_pausing_a_queue_hands_back_its_jobs_leased_ahead(dsn: str, conn: Conn) -> None:
+    """Jobs a worker leased ahead (--prefetch) of a queue that is then paused
+    are handed back at once, not started (0024): before, they all ran after
+    the pause, the job running finishes, and another queue's jobs still run.
+    Resuming runs them."""
+    app = pgqueue.App(dsn)
+    release = threading.Event()
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def long(ctx: pgqueue.JobContext) -> None:
+        await asyncio.to_thread(release.wait, 30)
+        ran.append(ctx.job.id)
+
+    @app.task(transactional=False)
+    async def short(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    @app.task(transactional=False, queue="other")
+    async def elsewhere(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    first = long.enqueue(conn)
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(
+                app, queues=["default", "other"], concurrency=1, prefetch=6
+            ) as worker,
+        ):
+            wait_until(lambda: worker.counters.leased == 1)
+            waiting = short.enqueue_many(conn, [{}] * 4)
+            other = elsewhere.enqueue_many(conn, [{}] * 2)
+            wait_until(lambda: worker.counters.leased == 7)  # all behind the slot
+            conn.execute("select pgqueue.pause_queue('default')")
+            wait_until(lambda: all(job_state(conn, i) == "queued" for i in waiting))
+            assert any(e["event"] == "jobs_handed_back" for e in events)
+            release.set()
+            wait_until(lambda: all(finished(conn, i) for i in [first, *other]))
+            time.sleep(0.3)
+            assert sorted(ran) == sorted([first, *other])
+            attempts = conn.execute(
+                "select array_agg(attempts) from pgqueue.jobs where id = any(%s)",
+                [waiting],
+            ).fetchone()
+            assert attempts == ([0, 0, 0, 0],)  # handed back, not counted
+            conn.execute("select pgqueue.resume_queue('default')")
+            wait_until(lambda: all(finished(conn, i) for i in waiting))
+    finally:
+        release.set()
 
 
 def test_a_quiet_queue_is_served_by_polling(dsn: str, conn: Conn) -> None:
