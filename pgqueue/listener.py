@@ -25,10 +25,14 @@ from pgqueue.log import get_logger
 # arrive meanwhile wait in psycopg's backlog (3.2.4 and later) for the next
 # notifies() call.
 CHECK_EVERY = 10.0
+# pause_queue's payload (0024) before the queue's name: a space, which no
+# queue name holds.
+PAUSED = "paused "
 
 
 class Listener:
-    """LISTEN on the schema's channel; call ``on_wake`` for our queues."""
+    """LISTEN on the schema's channel; call ``on_wake`` for our queues, and
+    ``on_pause`` with the name of one of them that was paused."""
 
     def __init__(
         self,
@@ -37,6 +41,7 @@ class Listener:
         queues: Collection[str],
         on_wake: Callable[[], None],
         *,
+        on_pause: Callable[[str], None] | None = None,
         log: Any = None,
         db_timeout: float = 10.0,
     ) -> None:
@@ -44,6 +49,7 @@ class Listener:
         self._channel = channel
         self._queues = frozenset(queues)
         self._on_wake = on_wake
+        self._on_pause = on_pause
         self._log = log or get_logger()
         self._db_timeout = db_timeout
         self.connected = asyncio.Event()
@@ -69,8 +75,7 @@ class Listener:
                     self._on_wake()
                     while True:
                         async for note in conn.notifies(timeout=CHECK_EVERY):
-                            if note.payload in self._queues:
-                                self._on_wake()
+                            self._received(note.payload)
                         # Still there? A connection gone silent never says.
                         await fetch_within(
                             conn, self._db_timeout, "select 1", rows=False
@@ -86,3 +91,11 @@ class Listener:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self._conn = None
+
+    def _received(self, payload: str) -> None:
+        if payload in self._queues:
+            self._on_wake()
+        elif self._on_pause is not None and payload.startswith(PAUSED):
+            queue = payload[len(PAUSED) :]
+            if queue in self._queues:
+                self._on_pause(queue)

@@ -279,6 +279,10 @@ class Worker(JobExecution):
         # thread returns, and its job may be leased here again meanwhile.
         self._running: set[Attempt] = set()
         self._ready: deque[Job] = deque()  # leased, waiting for a free slot
+        # Taken out of _ready because their queue was paused, being handed
+        # back (_on_pause); the heartbeat keeps their leases meanwhile.
+        self._pausing: list[Job] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._done: list[tuple[Attempt, str | None]] = []
         # The completions whose statement is on its way: the heartbeat renews
         # their leases too (a statement on a connection gone silent waits up
@@ -451,6 +455,7 @@ class Worker(JobExecution):
                 self.app.schema,
                 self.queues,
                 self._on_notify,
+                on_pause=self._on_pause,
                 log=self._log,
                 db_timeout=self.db_timeout,
             )
@@ -462,6 +467,35 @@ class Worker(JobExecution):
         self._notified += 1
         self._due = True
         self._wake_up()
+
+    def _on_pause(self, queue: str) -> None:
+        """``queue`` was paused (0024): hand back its jobs leased ahead, which
+        would otherwise start for all the pause. Running jobs finish."""
+        if self._shutting_down:  # shutdown hands back what is in _ready
+            return
+        paused = [job for job in self._ready if job.queue == queue]
+        if not paused:
+            return
+        self._ready = deque(job for job in self._ready if job.queue != queue)
+        self._pausing += paused
+        task = asyncio.ensure_future(self._hand_back_paused(paused))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _hand_back_paused(self, jobs: list[Job]) -> None:
+        try:
+            handed = set(await self._hand_back(jobs))
+        finally:
+            mine = {id(job) for job in jobs}
+            self._pausing = [job for job in self._pausing if id(job) not in mine]
+        # Not handed back (the database failed, a row locked): they run after
+        # all, rather than wait out their leases and be counted as an attempt.
+        left = [job for job in jobs if job.id not in handed]
+        self._ready.extendleft(reversed(left))
+        if self._stopping or self._shutting_down:
+            return  # the shutdown hands back what is in _ready
+        self._dispatch()
+        self._wake_up()  # the slots they held are free: lease from other queues
 
     def _wake_up(self) -> None:
         if self._wake is not None:
@@ -480,10 +514,13 @@ class Worker(JobExecution):
 
     def _all_written(self) -> bool:
         """Nothing leased is running, waiting or still to be written."""
-        return not (self._running or self._ready or self._done or self._failed)
+        return not (
+            self._running or self._ready or self._pausing or self._done or self._failed
+        )
 
     def _free(self) -> int:
-        return self.concurrency + self.prefetch - len(self._running) - len(self._ready)
+        held = len(self._running) + len(self._ready) + len(self._pausing)
+        return self.concurrency + self.prefetch - held
 
     async def _lease_loop(self) -> None:
         assert self._wake is not None and self._loop is not None
@@ -1080,6 +1117,7 @@ class Worker(JobExecution):
             held += [a.job for a, _ in self._writing]
             held += [f.attempt.job for f in self._failed]
             held += self._ready
+            held += self._pausing
             try:
                 rows = await self._fetch(
                     self._stmts.heartbeat,

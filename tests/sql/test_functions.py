@@ -432,6 +432,13 @@ def test_a_paused_queue_is_not_leased_until_resumed_which_wakes_workers(
     ).fetchall() == [("held", 1, 0, True), ("other", 0, 1, False)]
     conn.execute("listen pgqueue")
     assert one(conn, "select pgqueue.start_listening()")
+    # Pausing tells the workers, whether or not they wait (0024): a space,
+    # which no queue name holds, sets it apart from a wake-up.
+    conn.execute("select pgqueue.pause_queue('held')")
+    conn.execute("select pgqueue.stop_listening()")
+    told = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
+    assert told == ["paused held"]
+    assert one(conn, "select pgqueue.start_listening()")
     conn.execute("select pgqueue.resume_queue('held')")
     woken = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
     assert woken == ["held"]
