@@ -1291,6 +1291,8 @@ class Worker(JobExecution):
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self._side_tasks:  # a paused queue's hand back (_on_pause) in flight
+            await asyncio.wait(list(self._side_tasks), timeout=self.db_timeout)
         left = list(self._running)
         completing: list[Job] = []
         unstarted = list(self._ready)
