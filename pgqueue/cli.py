@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -123,12 +124,28 @@ def migrate(
         except ConfigurationError as exc:
             _fail(str(exc))
         return
+
+    def applied_one(m: migrations.Migration) -> None:
+        typer.echo(f"applied {m.version:04d}_{m.name}")
+
     with _connect() as conn:
-        applied = migrations.migrate(conn, _settings.schema)
-    if applied:
-        for m in applied:
-            typer.echo(f"applied {m.version:04d}_{m.name}")
-    else:
+        try:
+            applied = migrations.migrate(conn, _settings.schema, on_applied=applied_one)
+        except psycopg.Error as exc:
+            # Those above were applied, each in its own transaction; this one
+            # rolled back whole.
+            with contextlib.suppress(psycopg.Error):
+                done = migrations.current_version(conn, _settings.schema)
+                failed = next(m for m in migrations.load() if m.version > done)
+                why = _one_line(exc)
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    why += " (a long transaction holds a table it locks)"
+                _fail(
+                    f"migration {failed.version:04d}_{failed.name} failed and"
+                    f" changed nothing: {why}; run `pgqueue migrate` again"
+                )
+            raise
+    if not applied:
         typer.echo(f"schema {_settings.schema!r} is up to date")
 
 

@@ -8,6 +8,7 @@ migrate`` runs apply each file once and re-running is a no-op.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -139,13 +140,18 @@ def check_up_to_date(conn: psycopg.Connection, schema: str = "pgqueue") -> None:
 
 
 def migrate(
-    conn: psycopg.Connection, schema: str = "pgqueue", *, target: int | None = None
+    conn: psycopg.Connection,
+    schema: str = "pgqueue",
+    *,
+    target: int | None = None,
+    on_applied: Callable[[Migration], None] | None = None,
 ) -> list[Migration]:
     """Apply pending migrations; return the ones applied (empty when up to date).
 
-    ``conn`` must be in autocommit mode: each migration commits on its own.
-    ``target`` stops after that version (default: the latest), as when a
-    schema is upgraded one release at a time.
+    ``conn`` must be in autocommit mode: each migration commits on its own,
+    and ``on_applied`` hears of each as it commits (those before one that
+    fails stay applied). ``target`` stops after that version (default: the
+    latest), as when a schema is upgraded one release at a time.
     """
     check_schema_name(schema)
     if target is not None and not 0 <= target <= latest_version():
@@ -185,6 +191,8 @@ def migrate(
                     [migration.version, migration.name],
                 )
             applied.append(migration)
+            if on_applied is not None:
+                on_applied(migration)
         return applied
     finally:
         conn.execute("select pg_advisory_unlock(hashtext(%s))", lock)

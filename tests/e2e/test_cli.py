@@ -103,6 +103,34 @@ def test_migrate_applies_once_then_reports_up_to_date(scratch_db: str) -> None:
         )
 
 
+def test_a_migrate_that_fails_partway_says_what_it_applied_and_what_failed(
+    scratch_db: str,
+) -> None:
+    """0022 waits at most 5 s for the jobs table, which a long transaction
+    holds: migrate applied 0021 and said nothing of it, and its error named
+    neither the migration that failed nor what to do."""
+    with psycopg.connect(scratch_db, autocommit=True) as conn:
+        migrations.migrate(conn, target=20)
+    with psycopg.connect(scratch_db) as reader:
+        reader.execute("select count(*) from pgqueue.jobs")  # held till the end
+        failed = cli(scratch_db, "migrate", check=False)
+    assert failed.returncode == 1
+    assert failed.stdout.splitlines() == [
+        "applied 0021_worker_rows_follow_their_process"
+    ]
+    assert failed.stderr.startswith(
+        "error: migration 0022_run_at_within_what_clients_read failed and changed"
+        " nothing: canceling statement due to lock timeout"
+    )
+    assert failed.stderr.strip().endswith("run `pgqueue migrate` again")
+    again = cli(scratch_db, "migrate")
+    assert (
+        again.stdout.splitlines()[0] == "applied 0022_run_at_within_what_clients_read"
+    )
+    with psycopg.connect(scratch_db) as conn:
+        assert migrations.current_version(conn) == migrations.latest_version()
+
+
 def test_migrate_print_is_sql_a_dba_can_apply(scratch_db: str) -> None:
     # --print needs no database at all.
     script = cli(UNREACHABLE, "migrate", "--print").stdout
