@@ -283,6 +283,10 @@ class Worker(JobExecution):
         # back (_on_pause); the heartbeat keeps their leases meanwhile.
         self._pausing: list[Job] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
+        # Pauses heard of so far, and the count at each queue's last pause: a
+        # lease on its way as a pause committed may return the queue's jobs.
+        self._pauses = 0
+        self._paused_at: dict[str, int] = {}
         self._done: list[tuple[Attempt, str | None]] = []
         # The completions whose statement is on its way: the heartbeat renews
         # their leases too (a statement on a connection gone silent waits up
@@ -471,16 +475,36 @@ class Worker(JobExecution):
     def _on_pause(self, queue: str) -> None:
         """``queue`` was paused (0024): hand back its jobs leased ahead, which
         would otherwise start for all the pause. Running jobs finish."""
+        self._pauses += 1
+        self._paused_at[queue] = self._pauses
         if self._shutting_down:  # shutdown hands back what is in _ready
             return
         paused = [job for job in self._ready if job.queue == queue]
         if not paused:
             return
         self._ready = deque(job for job in self._ready if job.queue != queue)
-        self._pausing += paused
-        task = asyncio.ensure_future(self._hand_back_paused(paused))
+        self._hand_back_later(paused)
+
+    def _hand_back_later(self, jobs: list[Job]) -> None:
+        self._pausing += jobs
+        task = asyncio.ensure_future(self._hand_back_paused(jobs))
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+    def _without_paused(
+        self, rows: list[tuple[Any, ...]], since: int
+    ) -> list[tuple[Any, ...]]:
+        """The lease's rows but those of queues paused while it was on its way
+        (it may have begun before the pause committed): handed back."""
+        if self._shutting_down:  # shutdown hands back what is in _ready
+            return rows
+        paused = {queue for queue, at in self._paused_at.items() if at > since}
+        back = [row for row in rows if row[1] in paused]
+        if not back:
+            return rows
+        self.counters.leased += len(back)
+        self._hand_back_later(jobs_from_lease(back))
+        return [row for row in rows if row[1] not in paused]
 
     async def _hand_back_paused(self, jobs: list[Job]) -> None:
         try:
@@ -665,9 +689,11 @@ class Worker(JobExecution):
     async def _lease_rows(self, limit: int) -> list[tuple[Any, ...]]:
         if self._full_leases >= FULL_LEASES_BEFORE_QUIET and self._listening():
             await self._stop_listening()
-        return await self._fetch_leasing(
+        pauses = self._pauses
+        rows = await self._fetch_leasing(
             self._stmts.lease, [self.queues, limit, self.worker_id, self.lease_seconds]
         )
+        return rows if self._pauses == pauses else self._without_paused(rows, pauses)
 
     # -- the listening locks (sql/migrations/0016) --------------------------------
 

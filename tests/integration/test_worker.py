@@ -1511,6 +1511,58 @@ def test_pausing_a_queue_hands_back_its_jobs_leased_ahead(dsn: str, conn: Conn) 
         release.set()
 
 
+def test_jobs_a_lease_brings_back_after_their_queue_was_paused_are_handed_back(
+    dsn: str, conn: Conn
+) -> None:
+    """A lease on its way as the pause commits (its snapshot from before it)
+    returns the queue's jobs after the worker heard of the pause: they are
+    handed back, not started. A busy worker always has a lease on its way;
+    before, up to half its slots of the paused queue's jobs started. A
+    trigger holds the lease a moment, as a slow server would."""
+    conn.execute("create table hold_lease (x int)")
+    conn.execute(
+        "create function hold_lease() returns trigger language plpgsql as $$"
+        " begin if exists (select from hold_lease) then delete from hold_lease;"
+        " perform pg_sleep(1.5); end if; return new; end $$"
+    )
+    conn.execute(
+        "create trigger hold_lease before update on pgqueue.jobs"
+        " for each row execute function hold_lease()"
+    )
+    app = pgqueue.App(dsn)
+    ran: list[int] = []
+
+    @app.task(transactional=False)
+    async def short(ctx: pgqueue.JobContext) -> None:
+        ran.append(ctx.job.id)
+
+    try:
+        with (
+            structlog.testing.capture_logs() as events,
+            running_worker(app, concurrency=2, prefetch=2) as worker,
+        ):
+            wait_until(lambda: worker.counters.lease_calls > 0)
+            conn.execute("insert into hold_lease values (1)")
+            ids = short.enqueue_many(conn, [{}] * 4)  # its NOTIFY wakes the lease
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "select count(*) from pg_stat_activity where wait_event = 'PgSleep'"
+                    ).fetchone()
+                    == (1,)
+                )
+            )
+            conn.execute("select pgqueue.pause_queue('default')")
+            wait_until(lambda: any(e["event"] == "jobs_handed_back" for e in events))
+            wait_until(lambda: all(job_state(conn, i) == "queued" for i in ids))
+            time.sleep(0.3)
+            assert ran == []
+            conn.execute("select pgqueue.resume_queue('default')")
+            wait_until(lambda: sorted(ran) == ids)
+    finally:
+        conn.execute("drop trigger hold_lease on pgqueue.jobs")
+
+
 def test_a_quiet_queue_is_served_by_polling(dsn: str, conn: Conn) -> None:
     """A quiet queue's enqueues send no NOTIFY; a listening worker still runs
     its jobs, found at its next poll."""
