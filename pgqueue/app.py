@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -13,6 +12,7 @@ import psycopg
 
 from pgqueue import producer, serialization
 from pgqueue.errors import ConfigurationError, TaskNotFound
+from pgqueue.limits import is_number
 from pgqueue.migrations import check_schema_name
 from pgqueue.retry import RetryPolicy
 from pgqueue.tasks import Task, make_task
@@ -79,9 +79,7 @@ class App:
         self._dsn = dsn
         self.schema = check_schema_name(schema)
         if max_payload_bytes is not None and (
-            isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, numbers.Real)
-            or not 0 < max_payload_bytes < math.inf
+            not is_number(max_payload_bytes) or not 0 < max_payload_bytes < math.inf
         ):
             # NaN compared false with everything: no limit at all.
             raise ConfigurationError(

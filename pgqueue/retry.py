@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from math import inf
-from numbers import Real
 from typing import Protocol
 
 from pgqueue.errors import ConfigurationError
+from pgqueue.limits import is_number
 
 
 class RetryPolicy(Protocol):
@@ -36,7 +36,7 @@ class ExponentialBackoff:
     def __post_init__(self) -> None:
         # Written so that NaN fails each (it compares false with everything).
         numbers = (self.base, self.factor, self.max_delay, self.jitter)
-        if any(isinstance(n, bool) or not isinstance(n, Real) for n in numbers):
+        if not all(is_number(n) for n in numbers):
             raise ConfigurationError(f"backoff settings must be numbers: {self!r}")
         if not (self.base >= 0 and self.factor >= 1 and 0 <= self.max_delay < inf):
             raise ConfigurationError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgqueue import producer
 from pgqueue.errors import ConfigurationError
-from pgqueue.limits import MAX_SECONDS
+from pgqueue.limits import MAX_SECONDS, is_number
 from pgqueue.retry import ExponentialBackoff, RetryPolicy
 
 if TYPE_CHECKING:
@@ -175,8 +174,7 @@ def make_task(
     if not isinstance(task_name, str) or not TASK_NAME.fullmatch(task_name):
         raise ConfigurationError(f"invalid task name {task_name!r}")
     if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, numbers.Real)
+        not is_number(timeout)
         or not 0 < timeout <= MAX_SECONDS  # NaN fails this: it timed out at random
     ):
         raise ConfigurationError(
